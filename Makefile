@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` (the main job on the embedded default) and `make test` (the test suite).
+# Both start from nothing: they create .venv, install the project and run. A GPU user who pre-installs their own
+# torch into .venv keeps it; otherwise the CPU build named by TORCH_SPEC is installed first, so the project's
+# `torch>=2.4` requirement never pulls a multi-GB CUDA build on a CPU box. Elsewhere than this machine, point pip at
+# PyTorch's CPU wheels with TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.rlmf-installed
+
+.PHONY: install demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null && echo "keeping the torch already in $(VENV)" || \
+		$(BIN)/python -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/rlmf-train $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: install
+	$(BIN)/python experiments/bench_logprobs.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs multirun wandb outputs

@@ -1,0 +1,195 @@
+"""Structured configs: the schema of every ``conf/`` group, registered with Hydra's ConfigStore.
+
+A key that is not declared here, or a value of the wrong type, fails at composition with Hydra's message naming the
+key; an unknown group option fails listing the available ones. ``validate`` adds the checks a type cannot express
+(a loss hyperparameter the loss does not take, a stage name that does not exist).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+STAGES = ("sft", "feedback", "discriminator", "align", "evaluate")
+
+
+@dataclass
+class OptimConfig:
+    """One training stage's optimisation: AdamW, cosine schedule with linear warm-up."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_steps: int = 100
+    batch_size: int = 16
+
+
+@dataclass
+class PersonaEmailTaskConfig:
+    name: str = "persona_email"
+    num_prospects: int = 360
+    emails_per_prospect: int = 4
+    heldout_persona_fraction: float = 0.2
+    validation_fraction: float = 0.1
+    demo_quality: float = 0.35
+    eval_prompts: int = 48  # held-out briefs the evaluation samples emails for
+    eval_samples_per_prompt: int = 2
+    # feedback stage: A/B emails per training brief, answered by the simulated recipients
+    feedback_prompts: int = 256
+    # alignment round: the generator samples k emails per training brief, the discriminator ranks them
+    align_prompts: int = 192
+    align_samples_per_prompt: int = 4
+
+
+@dataclass
+class PreferenceFilesTaskConfig:
+    """Bring your own data: JSONL / JSON / Parquet files or ``datasets`` hub ids."""
+
+    name: str = "preference_files"
+    train: str = MISSING
+    eval: Optional[str] = None
+    split: str = "train"
+    eval_split: str = "test"
+    subset: Optional[str] = None
+    on_bad_row: str = "error"  # error | skip
+    eval_prompts: int = 32
+
+
+@dataclass
+class TinyGeneratorConfig:
+    vocab_size: int = 1024  # of the tokenizer trained on the task's text
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 344
+    max_position_embeddings: int = 256
+
+
+@dataclass
+class GeneratorConfig:
+    kind: str = "tiny"  # tiny | hf
+    name_or_path: Optional[str] = None
+    tiny: TinyGeneratorConfig = field(default_factory=TinyGeneratorConfig)
+    logprob_backend: str = "auto"  # auto | triton | torch (rlmf.kernels)
+    max_length: int = 192
+    max_prompt_length: int = 96
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    sft: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, max_steps=300, batch_size=16))
+
+
+@dataclass
+class DiscriminatorConfig:
+    """Constructor arguments of ``rlmf.modules.discriminator.Discriminator`` plus its training loop."""
+
+    backbone: str = "minilm"  # minilm | tiny | hf
+    name_or_path: Optional[str] = None
+    tiny: Optional[Dict[str, Any]] = None
+    max_length: int = 256
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    margin: float = 0.0
+    objective: str = "pairs"  # pairs | thumbs
+    score_batch_size: int = 64
+    batch_size: int = 16
+    max_epochs: int = 2
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "dpo"  # a key of rlmf.losses.LOSSES
+    reference: str = "frozen"  # frozen | precomputed | lora | none
+    loss: Dict[str, Any] = field(default_factory=dict)  # the loss's keyword hyperparameters
+    online_samples: int = 4  # HyPO: k completions sampled per prompt for the KL term
+    lora_rank: int = 8
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, max_steps=60, batch_size=8))
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings shared by every stage. ``max_steps`` > 0 caps every stage (quick runs, sweeps)."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"  # Lightning's own: ddp, fsdp, ...
+    precision: str = "auto"  # auto: bf16-mixed where the device supports it, else 32-true
+    gradient_clip_val: float = 1.0
+    log_every_n_steps: int = 10
+    val_check_interval: Optional[int] = None
+    max_steps: int = -1
+    progress_bar: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"  # wandb | csv | none
+    project: str = "rlmf"
+    mode: str = "offline"  # used unless WANDB_MODE is set
+    save_dir: str = "."  # W&B writes ./wandb under this
+
+
+@dataclass
+class StageConfig:
+    stages: List[str] = field(default_factory=lambda: list(STAGES))
+    from_run: Optional[str] = None  # an earlier run directory whose finished stages are reused
+
+
+@dataclass
+class Config:
+    task: Any = MISSING
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    seed: int = 0
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="rlmf_config", node=Config)
+    cs.store(group="task", name="persona_email_schema", node=PersonaEmailTaskConfig)
+    cs.store(group="task", name="preference_files_schema", node=PreferenceFilesTaskConfig)
+
+
+class ConfigError(ValueError):
+    """A config that composes but cannot run; the message names the key and what is allowed."""
+
+
+def _choice(key: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that a dataclass type cannot express. Runs before any work."""
+    from rlmf.kernels import BACKENDS
+    from rlmf.losses import LOSSES, get_loss, loss_hyperparameters
+
+    for stage in cfg.stage.stages:
+        _choice("stage.stages", stage, STAGES)
+    _choice("generator.kind", cfg.generator.kind, ("tiny", "hf"))
+    if cfg.generator.kind == "hf" and not cfg.generator.name_or_path:
+        raise ConfigError("generator=hf needs generator.name_or_path (a hub name or a local directory)")
+    _choice("generator.logprob_backend", cfg.generator.logprob_backend, BACKENDS)
+    _choice("discriminator.backbone", cfg.discriminator.backbone, ("minilm", "tiny", "hf"))
+    _choice("discriminator.objective", cfg.discriminator.objective, ("pairs", "thumbs"))
+    _choice("logger.kind", cfg.logger.kind, ("wandb", "csv", "none"))
+    _choice("algo.name", cfg.algo.name, sorted(LOSSES))
+    _choice("algo.reference", cfg.algo.reference, ("frozen", "precomputed", "lora", "none"))
+    allowed = loss_hyperparameters(cfg.algo.name)
+    for key in cfg.algo.loss:
+        if key not in allowed:
+            raise ConfigError(f"algo.loss.{key} is not a hyperparameter of loss {cfg.algo.name!r}; "
+                              f"it takes: {', '.join(allowed) or 'none'}")
+    if get_loss(cfg.algo.name).requires_reference and cfg.algo.reference == "none":
+        raise ConfigError(f"loss {cfg.algo.name!r} needs reference log-probs: set algo.reference to frozen, "
+                          "precomputed or lora")
+    if cfg.task.name == "preference_files":
+        _choice("task.on_bad_row", cfg.task.on_bad_row, ("error", "skip"))

@@ -1,0 +1,44 @@
+"""Batched sampling and greedy decoding from a generator, text in and text out."""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool,
+             temperature: float = 1.0, batch_size: int = 32, seed: int = 0, max_prompt_length: int = 512,
+             num_return_sequences: int = 1) -> List[str]:
+    """Completions for ``prompts`` (``num_return_sequences`` per prompt, grouped by prompt).
+
+    Prompts are left-padded (the prompt's end is kept when it is too long); generation stops at EOS or after
+    ``max_new_tokens``; the returned text excludes the prompt and special tokens. Sampling is seeded.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    outputs: List[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start: start + batch_size]
+        encoded = [(bos + tokenizer(p, add_special_tokens=False)["input_ids"])[-max_prompt_length:] for p in chunk]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, ids in enumerate(encoded):
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            attention_mask[i, width - len(ids):] = 1
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(
+            do_sample=False)
+        sequences = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
+            num_return_sequences=num_return_sequences, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, **kwargs)
+        outputs += tokenizer.batch_decode(sequences[:, width:], skip_special_tokens=True)
+    model.train(was_training)
+    return outputs

@@ -1,0 +1,32 @@
+"""Shared test set-up: no network, quiet libraries, and a composed-config helper for every test."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def compose():
+    """``compose(*overrides)`` -> the job's config, composed exactly as ``rlmf-train`` composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from rlmf.config import register_configs
+
+    register_configs()
+
+    def _compose(*overrides, return_hydra_config=False):
+        GlobalHydra.instance().clear()
+        with initialize_config_module(config_module="rlmf.conf", version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides),
+                                 return_hydra_config=return_hydra_config)
+
+    yield _compose
+    GlobalHydra.instance().clear()
