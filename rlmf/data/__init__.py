@@ -1,0 +1,23 @@
+"""Row formats and parsing, sources (files and hub datasets), tokenisation and collation."""
+
+from rlmf.data.collate import (
+    DropCounts,
+    FeedbackCollator,
+    PairCollator,
+    PromptCollator,
+    tokenize_feedback,
+    tokenize_pairs,
+    tokenize_prompts,
+)
+from rlmf.data.formats import (
+    DataError,
+    FeedbackExample,
+    PreferencePair,
+    PromptOnly,
+    pairs_to_feedback,
+    parse_feedback_row,
+    parse_pair_row,
+    parse_prompt_row,
+    render_messages,
+)
+from rlmf.data.sources import LoadReport, load_feedback, load_pairs, load_prompts, read_rows, write_jsonl
