@@ -37,8 +37,10 @@ class PersonaEmailTaskConfig:
     demo_quality: float = 0.35
     eval_prompts: int = 48  # held-out briefs the evaluation samples emails for
     eval_samples_per_prompt: int = 2
-    # feedback stage: A/B emails per training brief, answered by the simulated recipients
+    # feedback stage: emails per training brief, each answered (or not) by the simulated recipient; every
+    # replied email is paired A/B with an unanswered one for the same brief
     feedback_prompts: int = 256
+    feedback_samples_per_prompt: int = 4
     # alignment round: the generator samples k emails per training brief, the discriminator ranks them
     align_prompts: int = 192
     align_samples_per_prompt: int = 4
@@ -106,6 +108,7 @@ class AlgoConfig:
     loss: Dict[str, Any] = field(default_factory=dict)  # the loss's keyword hyperparameters
     online_samples: int = 4  # HyPO: k completions sampled per prompt for the KL term
     lora_rank: int = 8
+    reference_cache_dir: str = ".cache/rlmf/reference_logps"  # algo.reference=precomputed caches here
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, max_steps=60, batch_size=8))
 
 

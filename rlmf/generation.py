@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -11,11 +11,14 @@ from torch import nn
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool,
              temperature: float = 1.0, batch_size: int = 32, seed: int = 0, max_prompt_length: int = 512,
-             num_return_sequences: int = 1) -> List[str]:
+             num_return_sequences: int = 1, return_token_ids: bool = False
+             ) -> Union[List[str], Tuple[List[str], List[Tuple[List[int], List[int]]]]]:
     """Completions for ``prompts`` (``num_return_sequences`` per prompt, grouped by prompt).
 
     Prompts are left-padded (the prompt's end is kept when it is too long); generation stops at EOS or after
-    ``max_new_tokens``; the returned text excludes the prompt and special tokens. Sampling is seeded.
+    ``max_new_tokens``; the returned text excludes the prompt and special tokens. Sampling is seeded. With
+    ``return_token_ids`` also the exact ``(prompt_ids, completion_ids)`` sampled (completion up to and including
+    EOS), for scoring the very tokens drawn rather than a re-tokenisation of their text.
     """
     was_training = model.training
     model.eval()
@@ -23,6 +26,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
     generator = torch.Generator(device="cpu").manual_seed(seed)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     outputs: List[str] = []
+    token_ids: List[Tuple[List[int], List[int]]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start: start + batch_size]
         encoded = [(bos + tokenizer(p, add_special_tokens=False)["input_ids"])[-max_prompt_length:] for p in chunk]
@@ -39,6 +43,12 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
             num_return_sequences=num_return_sequences, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id, **kwargs)
-        outputs += tokenizer.batch_decode(sequences[:, width:], skip_special_tokens=True)
+        generated = sequences[:, width:].tolist()
+        outputs += tokenizer.batch_decode(generated, skip_special_tokens=True)
+        if return_token_ids:
+            for row, ids in enumerate(generated):
+                if tokenizer.eos_token_id in ids:
+                    ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
+                token_ids.append((encoded[row // num_return_sequences], ids))
     model.train(was_training)
-    return outputs
+    return (outputs, token_ids) if return_token_ids else outputs

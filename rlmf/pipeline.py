@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lightning as L
 import torch
@@ -213,26 +214,240 @@ def gold_reply_rates(run: Run, prompts: List[str], completions: List[str]) -> Li
     return [sim.reply_probability(world.brief_for(p).prospect, c) for p, c in zip(prompts, completions)]
 
 
+def sample(run: Run, model, tokenizer, prompts: List[str], k: int, seed: int, **kwargs):
+    g = run.cfg.generator
+    return generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, do_sample=True,
+                    temperature=g.temperature, seed=seed, max_prompt_length=g.max_prompt_length,
+                    num_return_sequences=k, **kwargs)
+
+
+def stage_feedback(run: Run) -> Dict[str, Any]:
+    """A/B feedback from the simulated recipients on the SFT generator's emails.
+
+    For each training brief the SFT generator writes ``feedback_samples_per_prompt`` emails; the recipient replies
+    to each with its gold probability (one Bernoulli draw). Only the replies are kept: each replied email is paired
+    with an unanswered one for the same brief (``pairs.jsonl``), and every email with its reply is a thumbs row
+    (``thumbs.jsonl``). ``heldout_pairs.jsonl`` holds emails for held-out personas ordered by gold probability:
+    evaluation data for the discriminator, never trained on.
+    """
+    from rlmf.data import FeedbackExample, PreferencePair, write_jsonl
+
+    t, world = run.cfg.task, run.world
+    model, tokenizer = load_generator(run.require("sft") / "generator")
+    k = t.feedback_samples_per_prompt
+    briefs = world.train[: t.feedback_prompts]
+    emails = sample(run, model, tokenizer, [b.prompt for b in briefs], k, seed=run.cfg.seed + 1)
+    rng = random.Random(run.cfg.seed + 2)
+    pairs, thumbs = [], []
+    for i, brief in enumerate(briefs):
+        drawn = [(e, world.simulator.draw_reply(brief.prospect, e, rng)) for e in emails[i * k:(i + 1) * k]]
+        thumbs += [FeedbackExample(brief.prompt, e, replied) for e, replied in drawn]
+        replied = [e for e, r in drawn if r]
+        ignored = [e for e, r in drawn if not r]
+        pairs += [PreferencePair(brief.prompt, a, b) for a, b in zip(replied, ignored) if a != b]
+
+    heldout = world.heldout[: t.eval_prompts]
+    heldout_emails = sample(run, model, tokenizer, [b.prompt for b in heldout], 2, seed=run.cfg.seed + 3)
+    heldout_pairs = []
+    for i, brief in enumerate(heldout):
+        a, b = heldout_emails[2 * i: 2 * i + 2]
+        pa, pb = (world.simulator.reply_probability(brief.prospect, e) for e in (a, b))
+        if abs(pa - pb) >= 1e-3:
+            heldout_pairs.append(PreferencePair(brief.prompt, a, b) if pa > pb else PreferencePair(brief.prompt, b, a))
+
+    if not pairs:
+        raise RuntimeError(
+            "feedback gave no training pairs: the SFT generator's emails drew too few replies to compare. Train SFT "
+            "longer (generator.sft.max_steps) or ask more recipients (task.feedback_prompts, "
+            "task.feedback_samples_per_prompt).")
+    if not heldout_pairs:
+        log.warning("no held-out pair differs in gold reply probability; discriminator accuracy will be NaN")
+    out = run.stage_dir("feedback")
+    write_jsonl(out / "pairs.jsonl", pairs)
+    write_jsonl(out / "thumbs.jsonl", thumbs)
+    write_jsonl(out / "heldout_pairs.jsonl", heldout_pairs)
+    metrics = {"feedback/pairs": len(pairs), "feedback/thumbs": len(thumbs),
+               "feedback/observed_reply_rate": sum(x.desirable for x in thumbs) / max(1, len(thumbs)),
+               "feedback/heldout_pairs": len(heldout_pairs)}
+    mark_done(out, metrics)
+    return metrics
+
+
+def discriminator_kwargs(cfg: DictConfig) -> Dict[str, Any]:
+    d = OmegaConf.to_container(cfg.discriminator, resolve=True)
+    return {k: v for k, v in d.items() if k not in ("batch_size", "max_epochs")}
+
+
+def stage_discriminator(run: Run) -> Dict[str, Any]:
+    """Train the reward model on the recipients' A/B feedback (or thumbs); report held-out pairwise accuracy."""
+    from torch.utils.data import DataLoader
+
+    from rlmf.data import load_feedback, load_pairs
+    from rlmf.modules.discriminator import Discriminator, pairwise_accuracy
+
+    d = run.cfg.discriminator
+    feedback = run.require("feedback")
+    if d.objective == "pairs":
+        train_rows, report = load_pairs(feedback / "pairs.jsonl")
+    else:
+        train_rows, report = load_feedback(feedback / "thumbs.jsonl")
+    heldout = load_pairs(feedback / "heldout_pairs.jsonl")[0] if (feedback / "heldout_pairs.jsonl").stat().st_size \
+        else []
+    log.info("discriminator data: %s", report)
+    module = Discriminator(**discriminator_kwargs(run.cfg))
+    loader = DataLoader(train_rows, batch_size=d.batch_size, shuffle=True, collate_fn=module.training_collator(),
+                        generator=torch.Generator().manual_seed(run.cfg.seed))
+    val_loader = DataLoader(heldout, batch_size=d.batch_size, collate_fn=module.validation_collator()) \
+        if heldout else None
+    steps = stage_steps(run, d.max_epochs * len(loader))
+    trainer = make_trainer(run, "discriminator", steps, validate=bool(heldout))
+
+    def accuracy() -> float:
+        return pairwise_accuracy(module, heldout) if heldout else float("nan")
+
+    accuracy_before = accuracy()
+    trainer.fit(module, loader, val_loader, ckpt_path=resume_checkpoint(run, "discriminator"))
+    out = run.stage_dir("discriminator")
+    module.save(out / "model")
+    metrics = {"discriminator/accuracy": accuracy(),
+               "discriminator/accuracy_before_training": accuracy_before,
+               "discriminator/train_rows": len(train_rows), "discriminator/steps": steps}
+    mark_done(out, metrics)
+    return metrics
+
+
+def machine_feedback(run: Run, model, tokenizer, discriminator) -> Tuple[list, list, Dict[str, float]]:
+    """One RLMF round's data: k samples per training brief, ranked by the discriminator.
+
+    Best-vs-worst becomes a preference pair; the best is a thumbs-up and the worst a thumbs-down.
+    """
+    from rlmf.data import FeedbackExample, PreferencePair
+
+    t = run.cfg.task
+    k = t.align_samples_per_prompt
+    prompts = [b.prompt for b in run.world.train[: t.align_prompts]]
+    emails = sample(run, model, tokenizer, prompts, k, seed=run.cfg.seed + 4)
+    rewards = discriminator.score([p for p in prompts for _ in range(k)], emails).view(len(prompts), k)
+    pairs, thumbs = [], []
+    for i, prompt in enumerate(prompts):
+        best, worst = int(rewards[i].argmax()), int(rewards[i].argmin())
+        chosen, rejected = emails[i * k + best], emails[i * k + worst]
+        if chosen != rejected:
+            pairs.append(PreferencePair(prompt, chosen, rejected))
+            thumbs += [FeedbackExample(prompt, chosen, True), FeedbackExample(prompt, rejected, False)]
+    gold = gold_reply_rates(run, [p for p in prompts for _ in range(k)], emails)
+    chosen_gold = gold_reply_rates(run, [p.prompt for p in pairs], [p.chosen for p in pairs])
+    rejected_gold = gold_reply_rates(run, [p.prompt for p in pairs], [p.rejected for p in pairs])
+    stats = {"align/pairs": len(pairs), "align/sample_gold_reply_rate": sum(gold) / len(gold),
+             "align/chosen_gold_reply_rate": sum(chosen_gold) / max(1, len(chosen_gold)),
+             "align/rejected_gold_reply_rate": sum(rejected_gold) / max(1, len(rejected_gold))}
+    return pairs, thumbs, stats
+
+
+def stage_align(run: Run) -> Dict[str, Any]:
+    """One RLMF round: the SFT generator samples, the discriminator ranks, the generator learns with ``algo``."""
+    from rlmf.data import tokenize_feedback, tokenize_pairs, write_jsonl
+    from rlmf.data.alignment import AlignmentDataModule
+    from rlmf.losses import get_loss
+    from rlmf.modules.discriminator import Discriminator
+    from rlmf.modules.generator import Generator
+    from rlmf.reference import attach_precomputed, frozen_copy, prepare_reference
+
+    a, g = run.cfg.algo, run.cfg.generator
+    out = run.stage_dir("align")
+    sft_dir = run.require("sft") / "generator"
+    model, tokenizer = load_generator(sft_dir)
+    discriminator = Discriminator.load(run.require("discriminator") / "model")
+    pairs, thumbs, stats = machine_feedback(run, model, tokenizer, discriminator)
+    write_jsonl(out / "pairs.jsonl", pairs)
+    write_jsonl(out / "thumbs.jsonl", thumbs)
+
+    data_format = get_loss(a.name).data_format
+    if data_format == "unpaired":
+        features, drops = tokenize_feedback(thumbs, tokenizer, g.max_length, g.max_prompt_length)
+    else:
+        features, drops = tokenize_pairs(pairs, tokenizer, g.max_length, g.max_prompt_length)
+    log.info("alignment data: %s", drops)
+    n_val = max(1, len(features) // 10)
+    splits = {"train": features[n_val:], "validation": features[:n_val]}
+    if a.reference == "precomputed":
+        cache, hit = attach_precomputed(model, sft_dir, splits, data_format if data_format != "paired_online"
+                                        else "paired", tokenizer.pad_token_id, g.max_length, a.reference_cache_dir)
+        stats["align/reference_cache_hit"] = float(hit)
+    policy, reference = prepare_reference(a.reference if get_loss(a.name).requires_reference else "none", model,
+                                          a.lora_rank)
+    if a.reference == "precomputed" and data_format == "paired_online":
+        reference = frozen_copy(model)  # HyPO's online samples are new each step: they need a live reference
+    opt = a.optim
+    module = Generator(policy, loss_name=a.name, loss_kwargs=OmegaConf.to_container(a.loss, resolve=True),
+                       lr=opt.lr, weight_decay=opt.weight_decay, warmup_ratio=opt.warmup_ratio,
+                       reference=reference, reference_mode=a.reference, online_samples=a.online_samples,
+                       max_new_tokens=g.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, metric_prefix="align")
+    data = AlignmentDataModule(splits["train"], splits["validation"], data_format, tokenizer.pad_token_id,
+                               g.max_length, opt.batch_size, seed=run.cfg.seed,
+                               num_workers=run.cfg.trainer.num_workers)
+    steps = stage_steps(run, opt.max_steps)
+    trainer = make_trainer(run, "align", steps)
+    trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(run, "align"))
+    trained = module.model.merge_and_unload() if a.reference == "lora" else module.model
+    save_generator(trained, tokenizer, out / "generator")
+    metrics = {**stats, **drops.as_dict("align/data/"), "align/steps": steps,
+               "align/val_loss": float(trainer.callback_metrics.get("align/val/loss", float("nan")))}
+    mark_done(out, metrics)
+    return metrics
+
+
+def sequence_logps(model, features: List[Dict[str, Any]], pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
+    """Summed completion log-probs of tokenized (prompt_ids, completion_ids) features under ``model``."""
+    from rlmf.data.collate import FeedbackCollator
+    from rlmf.modules.generator import completion_logps
+
+    collate, out = FeedbackCollator(pad_token_id), []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(features), batch_size):
+            batch = collate(features[start: start + batch_size])
+            out.append(completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0])
+    return torch.cat(out)
+
+
 def stage_evaluate(run: Run) -> Dict[str, Any]:
-    """Gold reply rate on held-out personas for every generator the run has (sampled and greedy)."""
+    """Every generator the run has (initial, sft, aligned) on held-out personas.
+
+    Gold reply rate of sampled and greedy emails (the simulator's probabilities), mean discriminator reward, and
+    KL(policy || SFT reference) estimated on the policy's own samples as the mean of
+    ``log pi(y|x) - log ref(y|x)`` over the exact sampled tokens.
+    """
     t, g = run.cfg.task, run.cfg.generator
-    briefs = run.world.heldout[: t.eval_prompts]
-    prompts = [b.prompt for b in briefs]
+    prompts = [b.prompt for b in run.world.heldout[: t.eval_prompts]]
+    k = t.eval_samples_per_prompt
+    sampled_prompts = [p for p in prompts for _ in range(k)]
+    discriminator = None
+    if run.finished_dir("discriminator") is not None:
+        from rlmf.modules.discriminator import Discriminator
+        discriminator = Discriminator.load(run.finished_dir("discriminator") / "model")
+    checkpoints = generator_checkpoints(run)
+    reference = load_generator(checkpoints["sft"])[0] if "sft" in checkpoints else None
     metrics: Dict[str, Any] = {}
     samples: Dict[str, List[str]] = {}
-    for name, path in generator_checkpoints(run).items():
+    for name, path in checkpoints.items():
         model, tokenizer = load_generator(path)
-        sampled = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, do_sample=True,
-                           temperature=g.temperature, seed=run.cfg.seed, max_prompt_length=g.max_prompt_length,
-                           num_return_sequences=t.eval_samples_per_prompt)
-        sampled_prompts = [p for p in prompts for _ in range(t.eval_samples_per_prompt)]
+        sampled, ids = sample(run, model, tokenizer, prompts, k, seed=run.cfg.seed + 5, return_token_ids=True)
         greedy = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, do_sample=False,
                           max_prompt_length=g.max_prompt_length)
         rates = gold_reply_rates(run, sampled_prompts, sampled)
         metrics[f"gold/reply_rate/{name}"] = sum(rates) / len(rates)
         greedy_rates = gold_reply_rates(run, prompts, greedy)
         metrics[f"gold/reply_rate_greedy/{name}"] = sum(greedy_rates) / len(greedy_rates)
-        samples[name] = sampled[:: t.eval_samples_per_prompt]
+        if discriminator is not None:
+            metrics[f"discriminator/reward/{name}"] = float(discriminator.score(sampled_prompts, sampled).mean())
+        if reference is not None and name != "initial":
+            features = [{"prompt_ids": p, "completion_ids": c, "desirable": True} for p, c in ids if c]
+            kl = sequence_logps(model, features, tokenizer.pad_token_id) - sequence_logps(
+                reference, features, tokenizer.pad_token_id)
+            metrics[f"kl/{name}"] = float(kl.mean())
+        samples[name] = sampled[::k]
     out = run.stage_dir("evaluate")
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples.json").write_text(json.dumps({"prompts": prompts, "samples": samples}, indent=2))
@@ -244,6 +459,9 @@ def stage_evaluate(run: Run) -> Dict[str, Any]:
 
 STAGE_FUNCTIONS: Dict[str, Callable[[Run], Dict[str, Any]]] = {
     "sft": stage_sft,
+    "feedback": stage_feedback,
+    "discriminator": stage_discriminator,
+    "align": stage_align,
     "evaluate": stage_evaluate,
 }
 
@@ -252,10 +470,7 @@ def run_pipeline(run: Run) -> Dict[str, Any]:
     """Run the configured stages in pipeline order, reusing finished ones; returns the merged metrics."""
     wanted = [s for s in STAGES if s in run.cfg.stage.stages]
     for stage in wanted:
-        fn = STAGE_FUNCTIONS.get(stage)
-        if fn is None:
-            log.warning("stage %s is not available yet; skipped", stage)
-            continue
+        fn = STAGE_FUNCTIONS[stage]
         finished = run.finished_dir(stage) if stage != "evaluate" else None
         if finished is not None:
             log.info("stage %s already finished in %s; reusing it", stage, finished)

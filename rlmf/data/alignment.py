@@ -1,0 +1,93 @@
+"""Batches for preference alignment, one collator per loss data format (``rlmf.losses.DATA_FORMATS``).
+
+* ``paired``: :class:`~rlmf.data.collate.PairCollator` rows ([2B, T], chosen first).
+* ``paired_online`` (HyPO): the pairs plus their prompts left-padded as ``online_prompt_ids``/``online_prompt_mask``,
+  from which the generator samples its own completions.
+* ``unpaired`` (KTO, APO-zero on thumbs): :class:`~rlmf.data.collate.FeedbackCollator` rows plus ``kl_*`` rows that
+  pair each prompt with the next row's completion (KTO's mismatched pairs for its reference point).
+
+Features may carry precomputed ``reference_logps`` (a float, or a ``(chosen, rejected)`` pair); the batch then has
+a ``reference_logps`` tensor aligned with its rows and the generator uses it instead of a reference model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from rlmf.data.collate import FeedbackCollator, PairCollator, PromptCollator
+
+
+def _with_reference(batch: Dict[str, torch.Tensor], features: Sequence[Dict[str, Any]], paired: bool
+                    ) -> Dict[str, torch.Tensor]:
+    if features and "reference_logps" in features[0]:
+        refs = [f["reference_logps"] for f in features]
+        values = [r[0] for r in refs] + [r[1] for r in refs] if paired else refs
+        batch["reference_logps"] = torch.tensor(values, dtype=torch.float32)
+    return batch
+
+
+class PairedBatches:
+    def __init__(self, pad_token_id: int, online: bool = False):
+        self.pairs, self.prompts, self.online = PairCollator(pad_token_id), PromptCollator(pad_token_id), online
+
+    def __call__(self, features: Sequence[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        batch = _with_reference(self.pairs(features), features, paired=True)
+        if self.online:
+            prompts = self.prompts(features)
+            batch["online_prompt_ids"], batch["online_prompt_mask"] = prompts["input_ids"], prompts["attention_mask"]
+        return batch
+
+
+class UnpairedBatches:
+    def __init__(self, pad_token_id: int, max_length: int):
+        self.rows, self.max_length = FeedbackCollator(pad_token_id), max_length
+
+    def __call__(self, features: Sequence[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        batch = _with_reference(self.rows(features), features, paired=False)
+        n = len(features)
+        mismatched = []
+        for i, f in enumerate(features):
+            other = features[(i + 1) % n] if n > 1 else f
+            completion = other["completion_ids"][: max(1, self.max_length - len(f["prompt_ids"]))]
+            mismatched.append({"prompt_ids": f["prompt_ids"], "completion_ids": completion, "desirable": False})
+        for key, value in self.rows(mismatched).items():
+            if key in ("input_ids", "attention_mask", "labels"):
+                batch["kl_" + key] = value
+        return batch
+
+
+def collator_for(data_format: str, pad_token_id: int, max_length: int):
+    if data_format == "paired":
+        return PairedBatches(pad_token_id)
+    if data_format == "paired_online":
+        return PairedBatches(pad_token_id, online=True)
+    if data_format == "unpaired":
+        return UnpairedBatches(pad_token_id, max_length)
+    raise ValueError(f"no alignment batches for data format {data_format!r}")
+
+
+class AlignmentDataModule(L.LightningDataModule):
+    """Shuffled training batches and ordered validation batches of tokenized features."""
+
+    def __init__(self, train: List[Dict[str, Any]], validation: List[Dict[str, Any]], data_format: str,
+                 pad_token_id: int, max_length: int, batch_size: int, seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        if not train:
+            raise ValueError("no training rows left for alignment (all were dropped or none were given)")
+        self.train_rows, self.val_rows = train, validation
+        self.collate = collator_for(data_format, pad_token_id, max_length)
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        drop_last = len(self.train_rows) > self.batch_size
+        return DataLoader(self.train_rows, batch_size=self.batch_size, shuffle=True, generator=generator,
+                          collate_fn=self.collate, drop_last=drop_last, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_rows, batch_size=self.batch_size, collate_fn=self.collate,
+                          num_workers=self.num_workers)
