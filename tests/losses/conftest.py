@@ -1,0 +1,63 @@
+"""``make_inputs``: valid random inputs for any registered loss, built from the names of the inputs it declares."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlmf.losses import loss_inputs
+
+
+def _make_inputs(
+    name: str,
+    batch_size: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    max_length: int = 9,
+    online_samples: int = 3,
+    per_token_scale: float = 1.5,
+) -> dict:
+    """Inputs for loss ``name``: summed log-probs ([B], or [B, k] for online samples) of about ``-per_token_scale``
+    per token, reference log-probs a few nats away, lengths in [1, max_length], a mix of desirable rows.
+
+    Raises for an input name it does not know, so a new loss with a new kind of input cannot slip past the
+    generic tests.
+    """
+    g = torch.Generator().manual_seed(seed)
+    lengths = {}
+
+    def length(key):
+        if key not in lengths:
+            lengths[key] = torch.randint(1, max_length + 1, (batch_size,), generator=g)
+        return lengths[key]
+
+    def summed(key, shape=None):
+        n = length(key).to(dtype)
+        noise = torch.rand(shape or (batch_size,), generator=g, dtype=torch.float64).to(dtype)
+        per_token = per_token_scale * (0.2 + 1.6 * noise)
+        return -(n if shape is None else n[:, None]) * per_token
+
+    inputs = {}
+    for input_name in loss_inputs(name):
+        side = "rejected" if "rejected" in input_name else "kl" if "kl" in input_name else "chosen"
+        if input_name == "desirable":
+            inputs[input_name] = torch.arange(batch_size) % 3 != 1
+        elif input_name.endswith("lengths"):
+            inputs[input_name] = length(side)
+        elif input_name.startswith("policy_") and "online" in input_name:
+            inputs[input_name] = summed("online", (batch_size, online_samples))
+        elif input_name.startswith("policy_"):
+            inputs[input_name] = summed(side)
+        elif input_name.startswith("reference_"):
+            policy = inputs.get("policy_" + input_name[len("reference_"):])
+            if policy is None:
+                raise KeyError(f"{name}: {input_name} is declared before its policy counterpart")
+            inputs[input_name] = policy + 2.0 * torch.randn(policy.shape, generator=g, dtype=torch.float64).to(dtype)
+        else:
+            raise KeyError(f"make_inputs does not know how to build input {input_name!r} of loss {name!r}")
+    return inputs
+
+
+@pytest.fixture
+def make_inputs():
+    return _make_inputs

@@ -1,0 +1,175 @@
+"""The registry's contract: names, signatures, outputs, configs and docs agree for every registered loss."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from rlmf.losses import LOSSES, LossResult, get_loss, loss_hyperparameters, loss_inputs
+
+REPO = Path(__file__).resolve().parents[2]
+ALGO_DIR = REPO / "conf" / "algo"
+EXPECTED = {
+    # name: (data format, needs reference, loss-specific metrics)
+    "sft": ("sft", False, {"nll"}),
+    "dpo": ("paired", True, set()),
+    "cdpo": ("paired", True, set()),
+    "robust": ("paired", True, set()),
+    "hinge": ("paired", True, set()),
+    "ipo": ("paired", True, set()),
+    "orpo": ("paired", False, {"log_odds_ratio", "nll"}),
+    "simpo": ("paired", False, set()),
+    "cpo": ("paired", False, {"nll"}),
+    "kto": ("unpaired", True, {"kl"}),
+    "apo_zero": ("paired", True, set()),
+    "apo_down": ("paired", True, set()),
+    "apo_zero_unpaired": ("unpaired", True, set()),
+    "hypo": ("paired_online", True, {"kl"}),
+}
+REWARD_METRICS = {
+    "sft": set(),
+    "paired": {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"},
+    "paired_online": {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"},
+    "unpaired": {"rewards/chosen", "rewards/rejected", "rewards/margins"},
+}
+ALL_LOSSES = sorted(LOSSES)
+
+
+def test_registered_names():
+    assert set(LOSSES) == set(EXPECTED)
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(KeyError) as err:
+        get_loss("nope")
+    message = str(err.value)
+    assert "unknown loss 'nope'" in message
+    for name in EXPECTED:
+        assert name in message
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_registration_flags(name):
+    data, reference, _ = EXPECTED[name]
+    fn = get_loss(name)
+    assert fn.loss_name == name
+    assert fn.data_format == data
+    assert fn.requires_reference is reference
+    # The flag the trainer uses to skip the reference model must agree with what the loss actually asks for.
+    assert any(i.startswith("reference_") for i in loss_inputs(name)) is reference
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_signature_tensors_required_hyperparameters_defaulted(name):
+    parameters = inspect.signature(get_loss(name)).parameters.values()
+    kinds = {p.kind for p in parameters}
+    assert kinds <= {inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY}
+    for p in parameters:
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            assert p.default is inspect.Parameter.empty, f"{name}: input {p.name} must not have a default"
+        else:
+            assert isinstance(p.default, (int, float)) and not isinstance(p.default, bool), (name, p.name)
+    inputs = loss_inputs(name)
+    data = EXPECTED[name][0]
+    if data in ("paired", "paired_online"):
+        assert inputs[:2] == ("policy_chosen_logps", "policy_rejected_logps")
+    else:
+        assert inputs[0] == "policy_logps"
+    if data == "unpaired":
+        assert "desirable" in inputs
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_docstring_gives_formula_paper_defaults_and_shapes(name):
+    doc = inspect.getdoc(get_loss(name))
+    assert re.search(r"^\s+loss(_i)? = ", doc, re.MULTILINE), f"{name}: docstring gives no 'loss = ...' formula"
+    assert re.search(r"\b(19|20)\d\d\b", doc), f"{name}: docstring cites no paper year"
+    assert "[B" in doc, f"{name}: docstring gives no tensor shapes"
+    for key, default in loss_hyperparameters(name).items():
+        assert key in doc, f"{name}: docstring does not mention hyperparameter {key}"
+        assert str(default) in doc, f"{name}: docstring does not give the default {key}={default}"
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_result_contract(name, make_inputs):
+    inputs = make_inputs(name, batch_size=5, seed=3)
+    for value in inputs.values():
+        if value.is_floating_point():
+            value.requires_grad_()
+    before = {k: v.detach().clone() for k, v in inputs.items()}
+    result = get_loss(name)(**inputs)
+    assert isinstance(result, LossResult)
+    assert result.loss.dim() == 0 and result.loss.requires_grad
+    data, _, specific = EXPECTED[name]
+    assert REWARD_METRICS[data] | specific <= set(result.metrics)
+    for metric, value in result.metrics.items():
+        assert value.dim() == 0 and not value.requires_grad, metric
+    # Pure: inputs untouched, and a second call gives the same numbers.
+    for key, value in inputs.items():
+        assert torch.equal(value.detach(), before[key]), f"{name} modified its input {key}"
+    again = get_loss(name)(**inputs)
+    assert torch.equal(again.loss, result.loss)
+
+
+def test_losses_do_not_import_trl():
+    for path in sorted((REPO / "rlmf" / "losses").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            assert not any(m == "trl" or m.startswith("trl.") for m in modules), f"{path.name} imports trl"
+
+
+# ------------------------------------------------------------------------------------------ conf/algo/*.yaml
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_algo_config_mirrors_the_function(name):
+    path = ALGO_DIR / f"{name}.yaml"
+    assert path.exists(), f"no {path.relative_to(REPO)} for registered loss {name!r}"
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# ") and re.search(r"\b20\d\d\b", first_line), "first line must name the paper"
+    cfg = OmegaConf.to_container(OmegaConf.load(path))
+    assert cfg["name"] == name
+    allowed_keys = {"name", "reference", "loss"} | ({"online_samples"} if name == "hypo" else set())
+    assert set(cfg) == allowed_keys
+    assert cfg["loss"] == loss_hyperparameters(name), "loss: must list exactly the keyword-only defaults"
+    if get_loss(name).requires_reference:
+        assert cfg["reference"] in ("frozen", "precomputed", "lora")
+    else:
+        assert cfg["reference"] == "none"
+    if name == "hypo":
+        assert cfg["online_samples"] == 4
+        assert cfg["reference"] != "precomputed"  # fresh samples need a live reference model
+
+
+def test_no_algo_config_without_a_loss():
+    assert {p.stem for p in ALGO_DIR.glob("*.yaml")} == set(LOSSES)
+
+
+# -------------------------------------------------------------------------------------------- docs/losses.md
+
+
+def test_docs_table_lists_every_loss_with_its_defaults():
+    text = (REPO / "docs" / "losses.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        match = re.match(r"\|\s*`([a-z_]+)`\s*\|", line)
+        if match:
+            rows[match.group(1)] = line
+    assert set(rows) == set(LOSSES)
+    for name, row in rows.items():
+        for key, default in loss_hyperparameters(name).items():
+            assert f"{key}={default}" in row, f"docs/losses.md row for {name} lacks {key}={default}"
+        for input_name in loss_inputs(name):
+            assert input_name in row, f"docs/losses.md row for {name} lacks input {input_name}"
