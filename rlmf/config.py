@@ -109,7 +109,7 @@ class AlgoConfig:
     online_samples: int = 4  # HyPO: k completions sampled per prompt for the KL term
     lora_rank: int = 8
     reference_cache_dir: str = ".cache/rlmf/reference_logps"  # algo.reference=precomputed caches here
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, max_steps=60, batch_size=8))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, max_steps=60, batch_size=8))
 
 
 @dataclass

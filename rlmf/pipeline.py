@@ -40,6 +40,7 @@ class Run:
     results: Dict[str, Any] = field(default_factory=dict)
     _world: Any = None
     _wandb: Any = None
+    _file_pairs: Dict[str, List[Any]] = field(default_factory=dict)
 
     @property
     def world(self) -> persona_email.World:
@@ -50,6 +51,35 @@ class Run:
                 heldout_persona_fraction=t.heldout_persona_fraction, validation_fraction=t.validation_fraction,
                 demo_quality=t.demo_quality)
         return self._world
+
+    @property
+    def uses_files(self) -> bool:
+        return self.cfg.task.name == "preference_files"
+
+    def file_pairs(self, split: str) -> List[Any]:
+        """Preference pairs of ``task.train`` (split "train") or ``task.eval`` (split "eval"), bad rows per config.
+
+        Without ``task.eval`` the last tenth of the training rows is held out.
+        """
+        from rlmf.data import load_pairs
+
+        if split not in self._file_pairs:
+            t = self.cfg.task
+            if split == "eval" and t.eval:
+                rows, report = load_pairs(t.eval, split=t.eval_split, subset=t.subset, on_bad_row=t.on_bad_row)
+            else:
+                rows, report = load_pairs(t.train, split=t.split, subset=t.subset, on_bad_row=t.on_bad_row)
+                if not t.eval:
+                    n_eval = max(1, len(rows) // 10)
+                    rows = rows[-n_eval:] if split == "eval" else rows[:-n_eval]
+            log.info("%s data: %s", split, report)
+            self._file_pairs[split] = rows
+        return self._file_pairs[split]
+
+    def eval_prompts(self) -> List[str]:
+        if self.uses_files:
+            return [p.prompt for p in self.file_pairs("eval")[: self.cfg.task.eval_prompts]]
+        return [b.prompt for b in self.world.heldout[: self.cfg.task.eval_prompts]]
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
@@ -162,7 +192,11 @@ def initial_generator(run: Run):
     g = run.cfg.generator
     if g.kind == "hf":
         return load_generator(g.name_or_path)
-    tokenizer = train_tokenizer(persona_email.corpus_texts(run.world), vocab_size=g.tiny.vocab_size)
+    if run.uses_files:
+        texts = [x for p in run.file_pairs("train") for x in (p.prompt + p.chosen, p.prompt + p.rejected)]
+    else:
+        texts = persona_email.corpus_texts(run.world)
+    tokenizer = train_tokenizer(texts, vocab_size=g.tiny.vocab_size)
     model = build_tiny_generator(tokenizer, hidden_size=g.tiny.hidden_size, num_layers=g.tiny.num_layers,
                                  num_heads=g.tiny.num_heads, intermediate_size=g.tiny.intermediate_size,
                                  max_position_embeddings=g.tiny.max_position_embeddings, seed=run.cfg.seed)
@@ -192,7 +226,11 @@ def stage_sft(run: Run) -> Dict[str, Any]:
     model, tokenizer = initial_generator(run)
     save_generator(model, tokenizer, out / "initial")
     g, opt = run.cfg.generator, run.cfg.generator.sft
-    data = SFTDataModule(run.world.demonstrations["train"], run.world.demonstrations["validation"], tokenizer,
+    if run.uses_files:  # SFT on the preferred completions
+        train, validation = ([(p.prompt, p.chosen) for p in run.file_pairs(split)] for split in ("train", "eval"))
+    else:
+        train, validation = run.world.demonstrations["train"], run.world.demonstrations["validation"]
+    data = SFTDataModule(train, validation, tokenizer,
                          batch_size=opt.batch_size, max_length=g.max_length, max_prompt_length=g.max_prompt_length,
                          seed=run.cfg.seed, num_workers=run.cfg.trainer.num_workers)
     module = Generator(model, loss_name="sft", lr=opt.lr, weight_decay=opt.weight_decay,
@@ -282,18 +320,23 @@ def stage_discriminator(run: Run) -> Dict[str, Any]:
     """Train the reward model on the recipients' A/B feedback (or thumbs); report held-out pairwise accuracy."""
     from torch.utils.data import DataLoader
 
-    from rlmf.data import load_feedback, load_pairs
+    from rlmf.data import load_feedback, load_pairs, pairs_to_feedback
     from rlmf.modules.discriminator import Discriminator, pairwise_accuracy
 
     d = run.cfg.discriminator
-    feedback = run.require("feedback")
-    if d.objective == "pairs":
-        train_rows, report = load_pairs(feedback / "pairs.jsonl")
+    if run.uses_files:
+        train_rows, heldout = run.file_pairs("train"), run.file_pairs("eval")
+        if d.objective == "thumbs":
+            train_rows = pairs_to_feedback(train_rows)
     else:
-        train_rows, report = load_feedback(feedback / "thumbs.jsonl")
-    heldout = load_pairs(feedback / "heldout_pairs.jsonl")[0] if (feedback / "heldout_pairs.jsonl").stat().st_size \
-        else []
-    log.info("discriminator data: %s", report)
+        feedback = run.require("feedback")
+        if d.objective == "pairs":
+            train_rows, report = load_pairs(feedback / "pairs.jsonl")
+        else:
+            train_rows, report = load_feedback(feedback / "thumbs.jsonl")
+        log.info("discriminator data: %s", report)
+        heldout_file = feedback / "heldout_pairs.jsonl"
+        heldout = load_pairs(heldout_file)[0] if heldout_file.stat().st_size else []
     module = Discriminator(**discriminator_kwargs(run.cfg))
     loader = DataLoader(train_rows, batch_size=d.batch_size, shuffle=True, collate_fn=module.training_collator(),
                         generator=torch.Generator().manual_seed(run.cfg.seed))
@@ -346,7 +389,7 @@ def machine_feedback(run: Run, model, tokenizer, discriminator) -> Tuple[list, l
 
 def stage_align(run: Run) -> Dict[str, Any]:
     """One RLMF round: the SFT generator samples, the discriminator ranks, the generator learns with ``algo``."""
-    from rlmf.data import tokenize_feedback, tokenize_pairs, write_jsonl
+    from rlmf.data import pairs_to_feedback, tokenize_feedback, tokenize_pairs, write_jsonl
     from rlmf.data.alignment import AlignmentDataModule
     from rlmf.losses import get_loss
     from rlmf.modules.discriminator import Discriminator
@@ -357,19 +400,27 @@ def stage_align(run: Run) -> Dict[str, Any]:
     out = run.stage_dir("align")
     sft_dir = run.require("sft") / "generator"
     model, tokenizer = load_generator(sft_dir)
-    discriminator = Discriminator.load(run.require("discriminator") / "model")
-    pairs, thumbs, stats = machine_feedback(run, model, tokenizer, discriminator)
-    write_jsonl(out / "pairs.jsonl", pairs)
-    write_jsonl(out / "thumbs.jsonl", thumbs)
-
     data_format = get_loss(a.name).data_format
-    if data_format == "unpaired":
-        features, drops = tokenize_feedback(thumbs, tokenizer, g.max_length, g.max_prompt_length)
+
+    def tokenize(pairs, thumbs):
+        if data_format == "unpaired":
+            return tokenize_feedback(thumbs, tokenizer, g.max_length, g.max_prompt_length)
+        return tokenize_pairs(pairs, tokenizer, g.max_length, g.max_prompt_length)
+
+    if run.uses_files:  # the file's pairs are the feedback
+        stats = {}
+        (train, drops), (validation, _) = (tokenize(run.file_pairs(s), pairs_to_feedback(run.file_pairs(s)))
+                                           for s in ("train", "eval"))
     else:
-        features, drops = tokenize_pairs(pairs, tokenizer, g.max_length, g.max_prompt_length)
+        discriminator = Discriminator.load(run.require("discriminator") / "model")
+        pairs, thumbs, stats = machine_feedback(run, model, tokenizer, discriminator)
+        write_jsonl(out / "pairs.jsonl", pairs)
+        write_jsonl(out / "thumbs.jsonl", thumbs)
+        features, drops = tokenize(pairs, thumbs)
+        n_val = max(1, len(features) // 10)
+        train, validation = features[n_val:], features[:n_val]
     log.info("alignment data: %s", drops)
-    n_val = max(1, len(features) // 10)
-    splits = {"train": features[n_val:], "validation": features[:n_val]}
+    splits = {"train": train, "validation": validation}
     if a.reference == "precomputed":
         cache, hit = attach_precomputed(model, sft_dir, splits, data_format if data_format != "paired_online"
                                         else "paired", tokenizer.pad_token_id, g.max_length, a.reference_cache_dir)
@@ -420,8 +471,8 @@ def stage_evaluate(run: Run) -> Dict[str, Any]:
     ``log pi(y|x) - log ref(y|x)`` over the exact sampled tokens.
     """
     t, g = run.cfg.task, run.cfg.generator
-    prompts = [b.prompt for b in run.world.heldout[: t.eval_prompts]]
-    k = t.eval_samples_per_prompt
+    prompts = run.eval_prompts()
+    k = t.get("eval_samples_per_prompt", 1)
     sampled_prompts = [p for p in prompts for _ in range(k)]
     discriminator = None
     if run.finished_dir("discriminator") is not None:
@@ -436,10 +487,11 @@ def stage_evaluate(run: Run) -> Dict[str, Any]:
         sampled, ids = sample(run, model, tokenizer, prompts, k, seed=run.cfg.seed + 5, return_token_ids=True)
         greedy = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, do_sample=False,
                           max_prompt_length=g.max_prompt_length)
-        rates = gold_reply_rates(run, sampled_prompts, sampled)
-        metrics[f"gold/reply_rate/{name}"] = sum(rates) / len(rates)
-        greedy_rates = gold_reply_rates(run, prompts, greedy)
-        metrics[f"gold/reply_rate_greedy/{name}"] = sum(greedy_rates) / len(greedy_rates)
+        if not run.uses_files:
+            rates = gold_reply_rates(run, sampled_prompts, sampled)
+            metrics[f"gold/reply_rate/{name}"] = sum(rates) / len(rates)
+            greedy_rates = gold_reply_rates(run, prompts, greedy)
+            metrics[f"gold/reply_rate_greedy/{name}"] = sum(greedy_rates) / len(greedy_rates)
         if discriminator is not None:
             metrics[f"discriminator/reward/{name}"] = float(discriminator.score(sampled_prompts, sampled).mean())
         if reference is not None and name != "initial":
@@ -470,6 +522,9 @@ def run_pipeline(run: Run) -> Dict[str, Any]:
     """Run the configured stages in pipeline order, reusing finished ones; returns the merged metrics."""
     wanted = [s for s in STAGES if s in run.cfg.stage.stages]
     for stage in wanted:
+        if stage == "feedback" and run.uses_files:
+            log.info("stage feedback: skipped, task=preference_files brings its own preference data")
+            continue
         fn = STAGE_FUNCTIONS[stage]
         finished = run.finished_dir(stage) if stage != "evaluate" else None
         if finished is not None:
