@@ -46,3 +46,57 @@ def test_multirun_gives_each_job_its_own_directory(tmp_path):
     steps = sorted(json.loads((sweep / str(i) / "summary.json").read_text())["sft/steps"] for i in (0, 1))
     assert steps == [2, 4]
     assert (sweep / "0" / "config_resolved.yaml").exists() and (sweep / "1" / "config_resolved.yaml").exists()
+
+
+def test_full_pipeline_at_tiny_sizes(compose, tmp_path):
+    summary = run_job(compose("experiment=quick"), tmp_path / "run")
+    for key in ("feedback/pairs", "discriminator/accuracy", "align/pairs", "gold/reply_rate/initial",
+                "gold/reply_rate/sft", "gold/reply_rate/aligned", "discriminator/reward/aligned", "kl/aligned"):
+        assert key in summary, key
+    assert summary["kl/sft"] == 0.0, "the SFT model is its own reference"
+    assert (tmp_path / "run" / "align" / "generator" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "discriminator" / "model" / "discriminator.json").exists()
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _preference_rows(n):
+    rows = []
+    for i in range(n):
+        prompt = f"Write a note to customer {i} about order {i % 7}."
+        rows.append({"prompt": prompt, "chosen": f"Thanks for order {i % 7}, it ships today.",
+                     "rejected": f"order {i % 7} whatever"})
+    return rows
+
+
+def test_bring_your_own_jsonl(compose, tmp_path):
+    train = _write_jsonl(tmp_path / "train.jsonl", _preference_rows(24))
+    eval_ = _write_jsonl(tmp_path / "eval.jsonl", _preference_rows(6))
+    cfg = compose("experiment=tiny_models", "task=preference_files", f"task.train={train}", f"task.eval={eval_}",
+                  "task.eval_prompts=4")
+    summary = run_job(cfg, tmp_path / "run")
+    assert "feedback/pairs" not in summary, "the files are the feedback; no simulator runs"
+    assert not any(k.startswith("gold/") for k in summary)
+    assert 0.0 <= summary["discriminator/accuracy"] <= 1.0
+    assert summary["sft/train_examples"] == 24
+    assert "discriminator/reward/aligned" in summary and "kl/aligned" in summary
+
+
+def test_bad_row_stops_before_training_and_names_file_line_field(compose, tmp_path):
+    rows = _preference_rows(5)
+    rows[2] = {"prompt": "x", "chosen": 3, "rejected": "y"}
+    train = _write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = compose("experiment=tiny_models", "task=preference_files", f"task.train={train}", "stage=sft")
+    import pytest
+
+    from rlmf.data import DataError
+
+    with pytest.raises(DataError, match=r"train.jsonl:3: field 'chosen'"):
+        run_job(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "sft").exists(), "nothing may be trained from bad data"
+    skipping = compose("experiment=tiny_models", "task=preference_files", f"task.train={train}", "stage=sft",
+                       "task.on_bad_row=skip")
+    assert run_job(skipping, tmp_path / "skip")["sft/train_examples"] == 3  # 4 good rows, 1 held out for eval
