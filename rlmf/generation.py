@@ -7,6 +7,9 @@ from typing import List, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from rlmf.data.collate import PromptCollator, tokenize_prompts
+from rlmf.data.formats import PromptOnly
+
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool,
@@ -24,18 +27,15 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    collate = PromptCollator(tokenizer.pad_token_id)
     outputs: List[str] = []
     token_ids: List[Tuple[List[int], List[int]]] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start: start + batch_size]
-        encoded = [(bos + tokenizer(p, add_special_tokens=False)["input_ids"])[-max_prompt_length:] for p in chunk]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, ids in enumerate(encoded):
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            attention_mask[i, width - len(ids):] = 1
+        features = tokenize_prompts([PromptOnly(p) for p in prompts[start: start + batch_size]], tokenizer,
+                                    max_prompt_length)
+        batch = collate(features)
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        width = input_ids.shape[1]
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(
             do_sample=False)
@@ -49,6 +49,6 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
             for row, ids in enumerate(generated):
                 if tokenizer.eos_token_id in ids:
                     ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
-                token_ids.append((encoded[row // num_return_sequences], ids))
+                token_ids.append((features[row // num_return_sequences]["prompt_ids"], ids))
     model.train(was_training)
     return (outputs, token_ids) if return_token_ids else outputs

@@ -1,5 +1,8 @@
 """Supervised fine-tuning data: (prompt, completion) pairs -> length-bucketed batches, loss on completion tokens.
 
+Tokenisation, truncation and collation are the data layer's (``rlmf.data.collate``): ``[bos] prompt completion
+eos``, labels -100 on the prompt and padding.
+
 Batches are drawn from buckets of similar length (:class:`LengthBucketBatchSampler`), so almost no compute goes to
 padding without the cross-sample attention leaks that packing would need extra masking to avoid.
 """
@@ -7,47 +10,21 @@ padding without the cross-sample attention leaks that packing would need extra m
 from __future__ import annotations
 
 import random
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Sampler
 
-IGNORE_INDEX = -100
+from rlmf.data.collate import FeedbackCollator, tokenize_feedback
+from rlmf.data.formats import FeedbackExample
 
 
 def tokenize_sft(examples: Sequence[Tuple[str, str]], tokenizer, max_length: int, max_prompt_length: int
-                 ) -> List[Dict[str, List[int]]]:
-    """Token ids of ``bos + prompt`` (the prompt's end is kept) and ``completion + eos`` (cut to fit max_length)."""
-    rows = []
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    for prompt, completion in examples:
-        prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        prompt_ids = prompt_ids[-max_prompt_length:]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        completion_ids = completion_ids[: max(0, max_length - len(prompt_ids))]
-        if completion_ids:
-            rows.append({"prompt_ids": prompt_ids, "completion_ids": completion_ids})
+                 ) -> List[Dict[str, Any]]:
+    """``{"prompt_ids", "completion_ids"}`` per (prompt, completion), truncated like every other row format."""
+    rows, _ = tokenize_feedback([FeedbackExample(p, c, True) for p, c in examples], tokenizer, max_length,
+                                max_prompt_length)
     return rows
-
-
-class SFTCollator:
-    """Right-padded ``input_ids``, ``attention_mask``, and ``labels`` (-100 on prompt and padding, not shifted)."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, rows: List[Dict[str, List[int]]]) -> Dict[str, torch.Tensor]:
-        width = max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids = r["prompt_ids"] + r["completion_ids"]
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention_mask[i, : len(ids)] = 1
-            labels[i, len(r["prompt_ids"]): len(ids)] = torch.tensor(r["completion_ids"])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 class LengthBucketBatchSampler(Sampler[List[int]]):
@@ -94,7 +71,7 @@ class SFTDataModule(L.LightningDataModule):
         super().__init__()
         self.train_rows = tokenize_sft(train, tokenizer, max_length, max_prompt_length)
         self.val_rows = tokenize_sft(validation, tokenizer, max_length, max_prompt_length)
-        self.collate = SFTCollator(tokenizer.pad_token_id)
+        self.collate = FeedbackCollator(tokenizer.pad_token_id)
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
 
     def _loader(self, rows, shuffle: bool) -> DataLoader:

@@ -26,10 +26,10 @@ import lightning as L
 import torch
 from torch import nn
 
+from rlmf.data.collate import IGNORE_INDEX
 from rlmf.kernels import logprobs_from_hidden
 from rlmf.losses import get_loss, loss_inputs
 
-IGNORE_INDEX = -100
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
