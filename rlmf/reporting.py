@@ -1,11 +1,24 @@
-"""Turning a run's metrics into something a person reads: the reply-rate-by-stage plot."""
+"""Turning a run's metrics into something a person reads: the by-stage table and the reply-rate plot."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 STAGE_ORDER = ("initial", "sft", "aligned")
+# (column title, summary key prefix): one column per metric that evaluate reports for each generator
+STAGE_COLUMNS = (("gold reply rate", "gold/reply_rate"), ("greedy", "gold/reply_rate_greedy"),
+                 ("discriminator reward", "discriminator/reward"), ("KL vs SFT", "kl"))
+
+
+def stage_table(summary: Dict[str, float]) -> List[List[str]]:
+    """Rows ``[generator, metric...]`` for each generator evaluated, in pipeline order, "-" where not measured."""
+    rows = []
+    for stage in STAGE_ORDER:
+        cells = [summary.get(f"{key}/{stage}") for _, key in STAGE_COLUMNS]
+        if any(c is not None for c in cells):
+            rows.append([stage] + ["-" if c is None else f"{c:.3f}" for c in cells])
+    return rows
 
 
 def reply_rates_by_stage(summary: Dict[str, float], key: str = "gold/reply_rate") -> Dict[str, float]:

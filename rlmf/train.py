@@ -30,13 +30,27 @@ def print_summary(summary: Dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from rlmf.reporting import STAGE_COLUMNS, stage_table
+
+    console = Console()
+    rows = stage_table(summary)
+    if rows:
+        by_stage = Table(title="Generators on held-out prompts")
+        by_stage.add_column("generator")
+        for title, _ in STAGE_COLUMNS:
+            by_stage.add_column(title, justify="right")
+        for row in rows:
+            by_stage.add_row(*row)
+        console.print(by_stage)
+        if "discriminator/accuracy" in summary:
+            console.print(f"discriminator held-out pairwise accuracy: {summary['discriminator/accuracy']:.3f}")
     table = Table(title="RLMF run summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in sorted(summary):
         value = summary[key]
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    console.print(table)
 
 
 def run_job(cfg: DictConfig, run_dir: Path, sweep_group: str | None = None) -> Dict[str, Any]:

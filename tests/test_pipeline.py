@@ -100,3 +100,22 @@ def test_bad_row_stops_before_training_and_names_file_line_field(compose, tmp_pa
     skipping = compose("experiment=tiny_models", "task=preference_files", f"task.train={train}", "stage=sft",
                        "task.on_bad_row=skip")
     assert run_job(skipping, tmp_path / "skip")["sft/train_examples"] == 3  # 4 good rows, 1 held out for eval
+
+
+def test_wandb_offline_run_logs_config_metrics_and_samples(compose, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = compose("experiment=quick", "logger=wandb", f"logger.save_dir={tmp_path}", "stage.stages=[sft,evaluate]")
+    run_job(cfg, tmp_path / "run")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "one offline W&B run per job, syncable later"
+    record = next(runs[0].glob("*.wandb")).read_bytes()  # the offline run's protobuf log, what `wandb sync` sends
+    assert b"logprob_backend" in record, "the resolved config is the W&B config"
+    assert b"gold/reply_rate/sft" in record and b"sft/train/loss" in record
+    assert list(runs[0].rglob("*.table.json")), "sample emails are logged as a W&B table"
+
+
+def test_stage_table_lists_each_generator():
+    from rlmf.reporting import stage_table
+
+    rows = stage_table({"gold/reply_rate/sft": 0.25, "gold/reply_rate/aligned": 0.5, "kl/aligned": 1.5})
+    assert rows == [["sft", "0.250", "-", "-", "-"], ["aligned", "0.500", "-", "-", "1.500"]]
