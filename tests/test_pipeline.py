@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from rlmf.train import run_job
 
 
@@ -25,6 +27,11 @@ def test_quick_job_writes_config_checkpoints_summary_and_plot(compose, tmp_path)
     assert all(0.0 <= evaluated[k] <= 1.0 for k in evaluated if k.startswith("gold/"))
     assert (tmp_path / "eval" / "reply_rate_by_stage.png").stat().st_size > 1000
     assert not (tmp_path / "eval" / "sft").exists(), "a finished stage must be reused, not re-run"
+
+    # generator=hf takes any causal LM by name or local path: here the first job's SFT output.
+    cfg = compose("experiment=quick", "stage=sft", "generator=hf", f"generator.name_or_path={run}/sft/generator")
+    hf = run_job(cfg, tmp_path / "hf")
+    assert hf["sft/val_loss_before"] == pytest.approx(saved["sft/val_loss_after"], rel=1e-4)
 
 
 def test_rerun_in_the_same_directory_resumes(compose, tmp_path):
@@ -90,8 +97,6 @@ def test_bad_row_stops_before_training_and_names_file_line_field(compose, tmp_pa
     rows[2] = {"prompt": "x", "chosen": 3, "rejected": "y"}
     train = _write_jsonl(tmp_path / "train.jsonl", rows)
     cfg = compose("experiment=tiny_models", "task=preference_files", f"task.train={train}", "stage=sft")
-    import pytest
-
     from rlmf.data import DataError
 
     with pytest.raises(DataError, match=r"train.jsonl:3: field 'chosen'"):
