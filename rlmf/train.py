@@ -53,6 +53,21 @@ def print_summary(summary: Dict[str, Any]) -> None:
     console.print(table)
 
 
+def quiet_libraries() -> None:
+    """Keep the console for our progress bars and tables: no per-file load reports or one-off tips."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # The frozen reference policy sits in eval mode inside the trained module on purpose.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())
+
+
 def run_job(cfg: DictConfig, run_dir: Path, sweep_group: str | None = None) -> Dict[str, Any]:
     """Everything the entry point does after composition; callable from tests with a composed config."""
     import lightning as L
@@ -62,6 +77,7 @@ def run_job(cfg: DictConfig, run_dir: Path, sweep_group: str | None = None) -> D
     from rlmf.reporting import plot_reply_rates
 
     validate(cfg)
+    quiet_libraries()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
