@@ -8,6 +8,7 @@ checkpoint from one job to the next, and re-running a crashed job in its own dir
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -463,43 +464,70 @@ def sequence_logps(model, features: List[Dict[str, Any]], pad_token_id: int, bat
     return torch.cat(out)
 
 
+def evaluate_generator(run: Run, name: str, path: Path, prompts: List[str], discriminator, reference
+                       ) -> Tuple[Dict[str, float], List[str]]:
+    """One generator's metrics on ``prompts`` and one sampled completion per prompt."""
+    t, g = run.cfg.task, run.cfg.generator
+    k = t.get("eval_samples_per_prompt", 1)
+    sampled_prompts = [p for p in prompts for _ in range(k)]
+    model, tokenizer = load_generator(path)
+    sampled, ids = sample(run, model, tokenizer, prompts, k, seed=run.cfg.seed + 5, return_token_ids=True)
+    metrics: Dict[str, float] = {}
+    if not run.uses_files:
+        greedy = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, do_sample=False,
+                          max_prompt_length=g.max_prompt_length)
+        rates = gold_reply_rates(run, sampled_prompts, sampled)
+        metrics[f"gold/reply_rate/{name}"] = sum(rates) / len(rates)
+        greedy_rates = gold_reply_rates(run, prompts, greedy)
+        metrics[f"gold/reply_rate_greedy/{name}"] = sum(greedy_rates) / len(greedy_rates)
+    if discriminator is not None:
+        metrics[f"discriminator/reward/{name}"] = float(discriminator.score(sampled_prompts, sampled).mean())
+    if reference is not None and name != "initial":
+        features = [{"prompt_ids": p, "completion_ids": c, "desirable": True} for p, c in ids if c]
+        kl = sequence_logps(model, features, tokenizer.pad_token_id) - sequence_logps(
+            reference, features, tokenizer.pad_token_id)
+        metrics[f"kl/{name}"] = float(kl.mean())
+    return metrics, sampled[::k]
+
+
 def stage_evaluate(run: Run) -> Dict[str, Any]:
     """Every generator the run has (initial, sft, aligned) on held-out personas.
 
     Gold reply rate of sampled and greedy emails (the simulator's probabilities), mean discriminator reward, and
     KL(policy || SFT reference) estimated on the policy's own samples as the mean of
     ``log pi(y|x) - log ref(y|x)`` over the exact sampled tokens.
+
+    Each generator's result is cached beside its checkpoint (``eval-<key>.json``, keyed by everything it depends
+    on), so the jobs of a sweep that share one ``stage.from_run`` evaluate the shared SFT model once.
     """
-    t, g = run.cfg.task, run.cfg.generator
+    from rlmf.reference import model_fingerprint
+
     prompts = run.eval_prompts()
-    k = t.get("eval_samples_per_prompt", 1)
-    sampled_prompts = [p for p in prompts for _ in range(k)]
+    discriminator_dir = run.finished_dir("discriminator")
     discriminator = None
-    if run.finished_dir("discriminator") is not None:
+    if discriminator_dir is not None:
         from rlmf.modules.discriminator import Discriminator
-        discriminator = Discriminator.load(run.finished_dir("discriminator") / "model")
+        discriminator = Discriminator.load(discriminator_dir / "model")
     checkpoints = generator_checkpoints(run)
     reference = load_generator(checkpoints["sft"])[0] if "sft" in checkpoints else None
+    g, t = run.cfg.generator, run.cfg.task
+    settings = json.dumps([prompts, t.get("eval_samples_per_prompt", 1), g.max_new_tokens, g.temperature,
+                           g.max_prompt_length, run.cfg.seed, run.uses_files,
+                           str(discriminator_dir and discriminator_dir.resolve()),
+                           checkpoints.get("sft") and model_fingerprint(checkpoints["sft"])])
     metrics: Dict[str, Any] = {}
     samples: Dict[str, List[str]] = {}
     for name, path in checkpoints.items():
-        model, tokenizer = load_generator(path)
-        sampled, ids = sample(run, model, tokenizer, prompts, k, seed=run.cfg.seed + 5, return_token_ids=True)
-        greedy = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, do_sample=False,
-                          max_prompt_length=g.max_prompt_length)
-        if not run.uses_files:
-            rates = gold_reply_rates(run, sampled_prompts, sampled)
-            metrics[f"gold/reply_rate/{name}"] = sum(rates) / len(rates)
-            greedy_rates = gold_reply_rates(run, prompts, greedy)
-            metrics[f"gold/reply_rate_greedy/{name}"] = sum(greedy_rates) / len(greedy_rates)
-        if discriminator is not None:
-            metrics[f"discriminator/reward/{name}"] = float(discriminator.score(sampled_prompts, sampled).mean())
-        if reference is not None and name != "initial":
-            features = [{"prompt_ids": p, "completion_ids": c, "desirable": True} for p, c in ids if c]
-            kl = sequence_logps(model, features, tokenizer.pad_token_id) - sequence_logps(
-                reference, features, tokenizer.pad_token_id)
-            metrics[f"kl/{name}"] = float(kl.mean())
-        samples[name] = sampled[::k]
+        key = hashlib.sha256((settings + name + model_fingerprint(path)).encode()).hexdigest()[:16]
+        cache = path.parent / f"eval-{name}-{key}.json"
+        if cache.exists():
+            result, samples[name] = json.loads(cache.read_text())
+        else:
+            result, samples[name] = evaluate_generator(run, name, path, prompts, discriminator, reference)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps([result, samples[name]]))
+            tmp.replace(cache)
+        metrics.update(result)
     out = run.stage_dir("evaluate")
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples.json").write_text(json.dumps({"prompts": prompts, "samples": samples}, indent=2))

@@ -124,3 +124,18 @@ def test_stage_table_lists_each_generator():
 
     rows = stage_table({"gold/reply_rate/sft": 0.25, "gold/reply_rate/aligned": 0.5, "kl/aligned": 1.5})
     assert rows == [["sft", "0.250", "-", "-", "-"], ["aligned", "0.500", "-", "-", "1.500"]]
+
+
+def test_evaluation_of_a_shared_generator_is_cached(compose, tmp_path):
+    base = tmp_path / "base"
+    run_job(compose("experiment=quick", "stage=sft"), base)
+    first = run_job(compose("experiment=quick", "stage=evaluate", f"stage.from_run={base}"), tmp_path / "a")
+    caches = sorted((base / "sft").glob("eval-*.json"))
+    assert [c.name.split("-")[1] for c in caches] == ["initial", "sft"]
+    stamps = [c.stat().st_mtime_ns for c in caches]
+    second = run_job(compose("experiment=quick", "stage=evaluate", f"stage.from_run={base}"), tmp_path / "b")
+    assert second == first and [c.stat().st_mtime_ns for c in caches] == stamps
+    # A different evaluation setting is a different cache entry, not a stale hit.
+    run_job(compose("experiment=quick", "stage=evaluate", f"stage.from_run={base}", "generator.max_new_tokens=8"),
+            tmp_path / "c")
+    assert len(list((base / "sft").glob("eval-*.json"))) == 4
