@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -14,14 +14,15 @@ from rlmf.data.formats import PromptOnly
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool,
              temperature: float = 1.0, batch_size: int = 32, seed: int = 0, max_prompt_length: int = 512,
-             num_return_sequences: int = 1, return_token_ids: bool = False
+             num_return_sequences: int = 1, return_token_ids: bool = False, progress: Optional[str] = None
              ) -> Union[List[str], Tuple[List[str], List[Tuple[List[int], List[int]]]]]:
     """Completions for ``prompts`` (``num_return_sequences`` per prompt, grouped by prompt).
 
     Prompts are left-padded (the prompt's end is kept when it is too long); generation stops at EOS or after
     ``max_new_tokens``; the returned text excludes the prompt and special tokens. Sampling is seeded. With
     ``return_token_ids`` also the exact ``(prompt_ids, completion_ids)`` sampled (completion up to and including
-    EOS), for scoring the very tokens drawn rather than a re-tokenisation of their text.
+    EOS), for scoring the very tokens drawn rather than a re-tokenisation of their text. ``progress`` names a Rich
+    progress bar over the batches.
     """
     was_training = model.training
     model.eval()
@@ -30,7 +31,12 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
     collate = PromptCollator(tokenizer.pad_token_id)
     outputs: List[str] = []
     token_ids: List[Tuple[List[int], List[int]]] = []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    if progress:
+        from rich.progress import track
+
+        starts = track(starts, description=progress, transient=True)
+    for start in starts:
         features = tokenize_prompts([PromptOnly(p) for p in prompts[start: start + batch_size]], tokenizer,
                                     max_prompt_length)
         batch = collate(features)

@@ -253,11 +253,12 @@ def gold_reply_rates(run: Run, prompts: List[str], completions: List[str]) -> Li
     return [sim.reply_probability(world.brief_for(p).prospect, c) for p, c in zip(prompts, completions)]
 
 
-def sample(run: Run, model, tokenizer, prompts: List[str], k: int, seed: int, **kwargs):
+def sample(run: Run, model, tokenizer, prompts: List[str], k: int, seed: int, what: str = "sampling", **kwargs):
     g = run.cfg.generator
+    progress = f"{what}: {len(prompts)} prompts x {k}" if run.cfg.trainer.progress_bar else None
     return generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, do_sample=True,
                     temperature=g.temperature, seed=seed, max_prompt_length=g.max_prompt_length,
-                    num_return_sequences=k, **kwargs)
+                    num_return_sequences=k, progress=progress, **kwargs)
 
 
 def stage_feedback(run: Run) -> Dict[str, Any]:
@@ -275,7 +276,8 @@ def stage_feedback(run: Run) -> Dict[str, Any]:
     model, tokenizer = load_generator(run.require("sft") / "generator")
     k = t.feedback_samples_per_prompt
     briefs = world.train[: t.feedback_prompts]
-    emails = sample(run, model, tokenizer, [b.prompt for b in briefs], k, seed=run.cfg.seed + 1)
+    emails = sample(run, model, tokenizer, [b.prompt for b in briefs], k, seed=run.cfg.seed + 1,
+                    what="feedback emails")
     rng = random.Random(run.cfg.seed + 2)
     pairs, thumbs = [], []
     for i, brief in enumerate(briefs):
@@ -370,7 +372,7 @@ def machine_feedback(run: Run, model, tokenizer, discriminator) -> Tuple[list, l
     t = run.cfg.task
     k = t.align_samples_per_prompt
     prompts = [b.prompt for b in run.world.train[: t.align_prompts]]
-    emails = sample(run, model, tokenizer, prompts, k, seed=run.cfg.seed + 4)
+    emails = sample(run, model, tokenizer, prompts, k, seed=run.cfg.seed + 4, what="RLMF round samples")
     rewards = discriminator.score([p for p in prompts for _ in range(k)], emails).view(len(prompts), k)
     pairs, thumbs = [], []
     for i, prompt in enumerate(prompts):
@@ -471,7 +473,8 @@ def evaluate_generator(run: Run, name: str, path: Path, prompts: List[str], disc
     k = t.get("eval_samples_per_prompt", 1)
     sampled_prompts = [p for p in prompts for _ in range(k)]
     model, tokenizer = load_generator(path)
-    sampled, ids = sample(run, model, tokenizer, prompts, k, seed=run.cfg.seed + 5, return_token_ids=True)
+    sampled, ids = sample(run, model, tokenizer, prompts, k, seed=run.cfg.seed + 5, return_token_ids=True,
+                          what=f"evaluating {name}")
     metrics: Dict[str, float] = {}
     if not run.uses_files:
         greedy = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, do_sample=False,
