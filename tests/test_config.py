@@ -99,3 +99,11 @@ def test_cli_typo_fails_before_any_work():
     out = _cli("trainer.max_stepz=3")
     assert out.returncode != 0
     assert "max_stepz" in out.stderr
+
+
+@pytest.mark.parametrize("preset,target", [("local_parallel", "JoblibLauncher"), ("slurm", "SlurmLauncher")])
+def test_launcher_presets_compose(compose, preset, target):
+    cfg = compose(f"hydra/launcher={preset}", return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    if preset == "slurm":
+        assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min == 240
