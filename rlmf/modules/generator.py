@@ -86,6 +86,13 @@ class Generator(L.LightningModule):
         self.loss_fn = get_loss(loss_name)
         self.loss_kwargs = dict(loss_kwargs or {})
         self._step_started = None
+        # The frozen reference is rebuilt from the starting checkpoint, never saved: checkpoints stay policy-sized.
+        self.strict_loading = self.reference is None
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("reference.")]:
+            del state[key]
 
     # --- log-probs ----------------------------------------------------------------------------------------------
     def policy_logps(self, batch: Dict[str, torch.Tensor], prefix: str = "") -> Tuple[torch.Tensor, torch.Tensor]:

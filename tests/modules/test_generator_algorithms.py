@@ -129,3 +129,25 @@ def test_lora_reference_equals_the_base_model(setup, tmp_path):
     want = torch.tensor([c for c, _ in expected] + [r for _, r in expected])
     assert torch.allclose(got, want, atol=1e-4), "adapter disabled must give the base model"
     assert not torch.allclose(trained, reference_logps), "the adapter did not train"
+
+
+def test_checkpoints_hold_the_policy_not_the_frozen_reference(setup, tmp_path):
+    _, tokenizer, pairs, _ = setup
+    features, _ = tokenize_pairs(pairs, tokenizer, 192, 96)
+    policy, reference = prepare_reference("frozen", tiny_model(tokenizer))
+    module = Generator(policy, loss_name="dpo", reference=reference, lr=1e-2)
+    data = AlignmentDataModule(features, features[:2], "paired", tokenizer.pad_token_id, 192, batch_size=4)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert state and all(k.startswith("model.") for k in state)
+    # Resuming loads that checkpoint (no reference keys in it) and continues from step 2.
+    fresh_policy, fresh_reference = prepare_reference("frozen", tiny_model(tokenizer))
+    resumed = Generator(fresh_policy, loss_name="dpo", reference=fresh_reference, lr=1e-2)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(resumed, datamodule=data, ckpt_path=path)
+    assert trainer.global_step == 3
