@@ -147,3 +147,18 @@ def test_evaluation_of_a_shared_generator_is_cached(compose, tmp_path):
     run_job(compose("experiment=quick", "stage=evaluate", f"stage.from_run={base}", "generator.max_new_tokens=8"),
             tmp_path / "c")
     assert len(list((base / "sft").glob("eval-*.json"))) == 4
+
+
+def test_beta_sweep_reuses_cached_reference_logps(compose, tmp_path):
+    base = tmp_path / "base"
+    run_job(compose("experiment=quick", "stage.stages=[sft,feedback,discriminator]"), base)
+    common = ["experiment=quick", "stage.stages=[align]", f"stage.from_run={base}", "algo.reference=precomputed",
+              f"algo.reference_cache_dir={tmp_path / 'cache'}"]
+    first = run_job(compose(*common, "algo.loss.beta=0.1"), tmp_path / "beta0.1")
+    second = run_job(compose(*common, "algo.loss.beta=0.5"), tmp_path / "beta0.5")
+    assert first["align/reference_cache_hit"] == 0.0 and second["align/reference_cache_hit"] == 1.0
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    lora = run_job(compose("experiment=quick", "stage.stages=[align]", f"stage.from_run={base}",
+                           "algo.reference=lora"), tmp_path / "lora")
+    assert lora["align/steps"] == 4
+    assert (tmp_path / "lora" / "align" / "generator" / "model.safetensors").exists(), "LoRA merged into the saved model"
