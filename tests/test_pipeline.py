@@ -161,4 +161,7 @@ def test_beta_sweep_reuses_cached_reference_logps(compose, tmp_path):
     lora = run_job(compose("experiment=quick", "stage.stages=[align]", f"stage.from_run={base}",
                            "algo.reference=lora"), tmp_path / "lora")
     assert lora["align/steps"] == 4
-    assert (tmp_path / "lora" / "align" / "generator" / "model.safetensors").exists(), "LoRA merged into the saved model"
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "lora" / "align" / "generator" / "model.safetensors")
+    assert saved and not [k for k in saved if "lora" in k], "the adapter is merged into a plain model"
