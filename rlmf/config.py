@@ -157,8 +157,9 @@ class Config:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="rlmf_config", node=Config)
-    cs.store(group="task", name="persona_email_schema", node=PersonaEmailTaskConfig)
-    cs.store(group="task", name="preference_files_schema", node=PreferenceFilesTaskConfig)
+    # Schemas live in their own group so they are not listed as task options; each task yaml extends one.
+    cs.store(group="task/schema", name="persona_email", node=PersonaEmailTaskConfig)
+    cs.store(group="task/schema", name="preference_files", node=PreferenceFilesTaskConfig)
 
 
 class ConfigError(ValueError):
