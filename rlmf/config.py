@@ -7,6 +7,7 @@ key; an unknown group option fails listing the available ones. ``validate`` adds
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -171,6 +172,12 @@ def _choice(key: str, value: str, allowed) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}")
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks that a dataclass type cannot express. Runs before any work."""
     from rlmf.kernels import BACKENDS
@@ -182,6 +189,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.generator.kind == "hf" and not cfg.generator.name_or_path:
         raise ConfigError("generator=hf needs generator.name_or_path (a hub name or a local directory)")
     _choice("generator.logprob_backend", cfg.generator.logprob_backend, BACKENDS)
+    on_gpu = cfg.trainer.accelerator != "cpu" and _has_cuda()
+    if cfg.generator.logprob_backend == "triton" and not on_gpu and not os.environ.get("TRITON_INTERPRET"):
+        raise ConfigError("generator.logprob_backend=triton needs a CUDA device (or TRITON_INTERPRET=1 to run the "
+                          "kernels in Triton's slow interpreter); use auto or torch on CPU")
     _choice("discriminator.backbone", cfg.discriminator.backbone, ("minilm", "tiny", "hf"))
     _choice("discriminator.objective", cfg.discriminator.objective, ("pairs", "thumbs"))
     _choice("logger.kind", cfg.logger.kind, ("wandb", "csv", "none"))

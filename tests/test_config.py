@@ -67,13 +67,16 @@ def test_unknown_option_lists_the_choices(compose):
     assert "dpo" in str(err.value) and "Available options" in str(err.value)
 
 
-def test_semantic_errors_name_the_key_and_the_choices(compose):
+def test_semantic_errors_name_the_key_and_the_choices(compose, monkeypatch):
     with pytest.raises(ConfigError, match=r"algo.loss.gamma is not a hyperparameter of loss 'dpo'.*beta"):
         validate(compose("+algo.loss.gamma=1.0"))
     with pytest.raises(ConfigError, match=r"stage.stages='fly'.*sft"):
         validate(compose("stage.stages=[sft,fly]"))
     with pytest.raises(ConfigError, match=r"generator.logprob_backend='cuda'.*auto"):
         validate(compose("generator.logprob_backend=cuda"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match=r"logprob_backend=triton needs a CUDA device"):
+        validate(compose("generator.logprob_backend=triton", "trainer.accelerator=cpu"))
 
 
 def _cli(*args):
