@@ -397,7 +397,7 @@ def stage_align(run: Run) -> Dict[str, Any]:
     from rlmf.losses import get_loss
     from rlmf.modules.discriminator import Discriminator
     from rlmf.modules.generator import Generator
-    from rlmf.reference import attach_precomputed, frozen_copy, prepare_reference
+    from rlmf.reference import attach_precomputed, prepare_reference
 
     a, g = run.cfg.algo, run.cfg.generator
     out = run.stage_dir("align")
@@ -429,9 +429,7 @@ def stage_align(run: Run) -> Dict[str, Any]:
                                         else "paired", tokenizer.pad_token_id, g.max_length, a.reference_cache_dir)
         stats["align/reference_cache_hit"] = float(hit)
     policy, reference = prepare_reference(a.reference if get_loss(a.name).requires_reference else "none", model,
-                                          a.lora_rank)
-    if a.reference == "precomputed" and data_format == "paired_online":
-        reference = frozen_copy(model)  # HyPO's online samples are new each step: they need a live reference
+                                          a.lora_rank, data_format)
     opt = a.optim
     module = Generator(policy, loss_name=a.name, loss_kwargs=OmegaConf.to_container(a.loss, resolve=True),
                        lr=opt.lr, weight_decay=opt.weight_decay, warmup_ratio=opt.warmup_ratio,
@@ -452,23 +450,12 @@ def stage_align(run: Run) -> Dict[str, Any]:
     return metrics
 
 
-def sequence_logps(model, features: List[Dict[str, Any]], pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
-    """Summed completion log-probs of tokenized (prompt_ids, completion_ids) features under ``model``."""
-    from rlmf.data.collate import FeedbackCollator
-    from rlmf.modules.generator import completion_logps
-
-    collate, out = FeedbackCollator(pad_token_id), []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(features), batch_size):
-            batch = collate(features[start: start + batch_size])
-            out.append(completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0])
-    return torch.cat(out)
-
-
 def evaluate_generator(run: Run, name: str, path: Path, prompts: List[str], discriminator, reference
                        ) -> Tuple[Dict[str, float], List[str]]:
     """One generator's metrics on ``prompts`` and one sampled completion per prompt."""
+    from rlmf.data.collate import FeedbackCollator
+    from rlmf.modules.generator import batched_completion_logps
+
     t, g = run.cfg.task, run.cfg.generator
     k = t.get("eval_samples_per_prompt", 1)
     sampled_prompts = [p for p in prompts for _ in range(k)]
@@ -487,8 +474,8 @@ def evaluate_generator(run: Run, name: str, path: Path, prompts: List[str], disc
         metrics[f"discriminator/reward/{name}"] = float(discriminator.score(sampled_prompts, sampled).mean())
     if reference is not None and name != "initial":
         features = [{"prompt_ids": p, "completion_ids": c, "desirable": True} for p, c in ids if c]
-        kl = sequence_logps(model, features, tokenizer.pad_token_id) - sequence_logps(
-            reference, features, tokenizer.pad_token_id)
+        collate = FeedbackCollator(tokenizer.pad_token_id)
+        kl = batched_completion_logps(model, features, collate) - batched_completion_logps(reference, features, collate)
         metrics[f"kl/{name}"] = float(kl.mean())
     return metrics, sampled[::k]
 

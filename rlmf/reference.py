@@ -18,10 +18,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from rlmf.data.alignment import collator_for
-from rlmf.modules.generator import completion_logps
+from rlmf.data.collate import FeedbackCollator, PairCollator
+from rlmf.modules.generator import batched_completion_logps
 
 log = logging.getLogger(__name__)
 CONTENT_HASH_LIMIT = 256 * 2**20  # hash weight files' bytes below this total size; their size and mtime above it
@@ -48,20 +47,17 @@ def dataset_fingerprint(features: List[Dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
-@torch.no_grad()
 def compute_reference_logps(model: nn.Module, features: List[Dict[str, Any]], data_format: str, pad_token_id: int,
                             max_length: int, batch_size: int = 16) -> List[Any]:
     """Reference log-probs per feature: a ``(chosen, rejected)`` pair for paired data, a float otherwise."""
-    collate = collator_for(data_format, pad_token_id, max_length)
-    model.eval()
+    if data_format == "unpaired":
+        return batched_completion_logps(model, features, FeedbackCollator(pad_token_id), batch_size).tolist()
     out: List[Any] = []
-    for batch in DataLoader(features, batch_size=batch_size, collate_fn=collate):
-        logps = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0].tolist()
-        if data_format == "unpaired":
-            out += logps
-        else:
-            half = len(logps) // 2
-            out += list(zip(logps[:half], logps[half:]))
+    collate = PairCollator(pad_token_id)
+    for start in range(0, len(features), batch_size):
+        logps = batched_completion_logps(model, features[start: start + batch_size], collate, batch_size).tolist()
+        half = len(logps) // 2
+        out += list(zip(logps[:half], logps[half:]))
     return out
 
 
@@ -106,9 +102,14 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).requires_grad_(False).eval()
 
 
-def prepare_reference(mode: str, model: nn.Module, lora_rank: int = 8) -> Tuple[nn.Module, Optional[nn.Module]]:
-    """The policy to train and the reference module for ``mode`` (None where the batch or LoRA supplies it)."""
-    if mode == "frozen":
+def prepare_reference(mode: str, model: nn.Module, lora_rank: int = 8, data_format: str = "paired"
+                      ) -> Tuple[nn.Module, Optional[nn.Module]]:
+    """The policy to train and the reference module for ``mode`` (None where the batch or LoRA supplies it).
+
+    ``precomputed`` still needs a live frozen copy for ``paired_online`` (HyPO): its online samples are new at every
+    step, so only the offline pairs can come from the cache.
+    """
+    if mode == "frozen" or (mode == "precomputed" and data_format == "paired_online"):
         return model, frozen_copy(model)
     if mode == "lora":
         return add_lora(model, lora_rank), None

@@ -53,6 +53,10 @@ def print_summary(summary: Dict[str, Any]) -> None:
     console.print(table)
 
 
+def _drop_lightning_tips(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
 def quiet_libraries() -> None:
     """Keep the console for our progress bars and tables: no per-file load reports or one-off tips."""
     import warnings
@@ -64,8 +68,8 @@ def quiet_libraries() -> None:
     # The frozen reference policy sits in eval mode inside the trained module on purpose.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage())
+    # One function object, so repeated jobs in a multirun process do not stack filters.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_lightning_tips)
 
 
 def run_job(cfg: DictConfig, run_dir: Path, sweep_group: str | None = None) -> Dict[str, Any]:

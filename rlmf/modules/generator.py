@@ -59,6 +59,18 @@ def completion_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     return token_logps.sum(-1), mask.sum(-1)
 
 
+@torch.no_grad()
+def batched_completion_logps(model: nn.Module, features, collate: Callable, batch_size: int = 32) -> torch.Tensor:
+    """:func:`completion_logps` (summed, no grad, eval mode) over tokenized features, ``batch_size`` at a time,
+    in the row order ``collate`` produces (paired collators give chosen rows, then rejected, per batch)."""
+    model.eval()
+    out = []
+    for start in range(0, len(features), batch_size):
+        batch = collate(features[start: start + batch_size])
+        out.append(completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0])
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup_steps:
