@@ -454,7 +454,7 @@ def evaluate_generator(run: Run, name: str, path: Path, prompts: List[str], disc
                        ) -> Tuple[Dict[str, float], List[str]]:
     """One generator's metrics on ``prompts`` and one sampled completion per prompt."""
     from rlmf.data.collate import FeedbackCollator
-    from rlmf.modules.generator import batched_completion_logps
+    from rlmf.logprobs import batched_completion_logps
 
     t, g = run.cfg.task, run.cfg.generator
     k = t.get("eval_samples_per_prompt", 1)

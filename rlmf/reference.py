@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from rlmf.data.collate import FeedbackCollator, PairCollator
-from rlmf.modules.generator import batched_completion_logps
+from rlmf.logprobs import batched_completion_logps
 
 log = logging.getLogger(__name__)
 CONTENT_HASH_LIMIT = 256 * 2**20  # hash weight files' bytes below this total size; their size and mtime above it

@@ -6,7 +6,8 @@ import torch
 from rlmf.data.sft import SFTDataModule
 from rlmf.generation import generate
 from rlmf.models import build_tiny_generator, load_generator, save_generator, train_tokenizer
-from rlmf.modules.generator import Generator, completion_logps
+from rlmf.logprobs import completion_logps
+from rlmf.modules.generator import Generator
 from rlmf.tasks.persona_email import build_world, corpus_texts
 
 

@@ -12,7 +12,8 @@ from rlmf.data import FeedbackExample, PreferencePair, tokenize_feedback, tokeni
 from rlmf.data.alignment import AlignmentDataModule
 from rlmf.losses import LOSSES
 from rlmf.models import build_tiny_generator, train_tokenizer
-from rlmf.modules.generator import Generator, completion_logps
+from rlmf.logprobs import completion_logps
+from rlmf.modules.generator import Generator
 from rlmf.reference import attach_precomputed, compute_reference_logps, frozen_copy, prepare_reference
 from rlmf.tasks.persona_email import build_world, compose_email, corpus_texts
 
