@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 STAGES = ("sft", "feedback", "discriminator", "align", "evaluate")
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 @dataclass
@@ -25,7 +26,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     max_steps: int = 100
-    batch_size: int = 16
+    max_epochs: Optional[int] = None  # when set: this many passes over the data instead of max_steps
+    batch_size: int = 16  # rows per micro-batch; the optimiser sees batch_size x trainer.accumulate_grad_batches
 
 
 @dataclass
@@ -75,6 +77,11 @@ class TinyGeneratorConfig:
 class GeneratorConfig:
     kind: str = "tiny"  # tiny | hf
     name_or_path: Optional[str] = None
+    # Weights' dtype on load (float32 | bfloat16 | float16); null follows trainer.precision (bf16-true ->
+    # bfloat16, ..., float32 under mixed precision).
+    torch_dtype: Optional[str] = None
+    attn_implementation: Optional[str] = None  # eager | sdpa | flash_attention_2 | flex_attention; null: HF's choice
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% more time
     tiny: TinyGeneratorConfig = field(default_factory=TinyGeneratorConfig)
     logprob_backend: str = "auto"  # auto | triton | torch (rlmf.kernels)
     max_length: int = 192
@@ -121,6 +128,7 @@ class TrainerConfig:
     devices: Any = 1
     strategy: str = "auto"  # Lightning's own: ddp, fsdp, ...
     precision: str = "auto"  # auto: bf16-mixed where the device supports it, else 32-true
+    accumulate_grad_batches: int = 1  # micro-batches per optimiser step
     gradient_clip_val: float = 1.0
     log_every_n_steps: int = 10
     val_check_interval: Optional[int] = None
@@ -182,6 +190,7 @@ def validate(cfg: DictConfig) -> None:
     """Checks that a dataclass type cannot express. Runs before any work."""
     from rlmf.kernels import BACKENDS
     from rlmf.losses import LOSSES, get_loss, loss_hyperparameters
+    from rlmf.placement import DTYPES, PRECISIONS
 
     for stage in cfg.stage.stages:
         _choice("stage.stages", stage, STAGES)
@@ -189,6 +198,17 @@ def validate(cfg: DictConfig) -> None:
     if cfg.generator.kind == "hf" and not cfg.generator.name_or_path:
         raise ConfigError("generator=hf needs generator.name_or_path (a hub name or a local directory)")
     _choice("generator.logprob_backend", cfg.generator.logprob_backend, BACKENDS)
+    if cfg.generator.torch_dtype is not None:
+        _choice("generator.torch_dtype", cfg.generator.torch_dtype, tuple(DTYPES))
+    if cfg.generator.attn_implementation is not None:
+        _choice("generator.attn_implementation", cfg.generator.attn_implementation, ATTENTION_IMPLEMENTATIONS)
+    _choice("trainer.precision", str(cfg.trainer.precision), PRECISIONS)
+    for key in ("trainer.accumulate_grad_batches", "generator.sft.batch_size", "algo.optim.batch_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1")
+    for key in ("generator.sft.max_epochs", "algo.optim.max_epochs"):
+        if OmegaConf.select(cfg, key) is not None and OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1, or null to use max_steps")
     on_gpu = cfg.trainer.accelerator != "cpu" and _has_cuda()
     if cfg.generator.logprob_backend == "triton" and not on_gpu and not os.environ.get("TRITON_INTERPRET"):
         raise ConfigError("generator.logprob_backend=triton needs a CUDA device (or TRITON_INTERPRET=1 to run the "

@@ -1,4 +1,12 @@
-"""Batched sampling and greedy decoding from a generator, text in and text out."""
+"""Sampling from a generator exactly as the policy defines it, and batched text-in text-out generation.
+
+A checkpoint's ``generation_config`` (an instruct model's ``temperature=0.7``, ``top_p=0.9``,
+``repetition_penalty=1.1``, ...) is meant for chat, not for estimating anything about the policy: samples drawn
+through it are not samples of ``pi(y|x)``, which biases online losses (HyPO's KL gradient) and the evaluation KL.
+Every generate call here states the whole sampling rule (temperature, top-k 0, top-p 1, no repetition penalty, no
+forced or suppressed tokens) on a fresh ``GenerationConfig``, so nothing from the checkpoint leaks in except its
+stop tokens, which are all kept (:func:`stop_token_ids`).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +14,63 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from transformers import GenerationConfig
 
 from rlmf.data.collate import PromptCollator, tokenize_prompts
 from rlmf.data.formats import PromptOnly
+
+
+def stop_token_ids(model: nn.Module, tokenizer=None) -> List[int]:
+    """Every token that ends a completion: the checkpoint's ``generation_config.eos_token_id`` (an int or a list,
+    e.g. Llama-3's ``<|end_of_text|>`` and ``<|eot_id|>``) and the tokenizer's eos, in that order, without repeats."""
+    found: List[int] = []
+    config = getattr(model, "generation_config", None)
+    for value in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        for token in ([value] if isinstance(value, int) else list(value or [])):
+            if token not in found:
+                found.append(int(token))
+    return found
+
+
+def policy_generation_config(*, do_sample: bool, temperature: float, max_new_tokens: int, stop_ids: Sequence[int],
+                             pad_token_id: Optional[int], num_return_sequences: int = 1) -> GenerationConfig:
+    """A generation config that samples from ``softmax(logits / temperature)`` and nothing else (or greedy)."""
+    sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if do_sample else dict(
+        do_sample=False)
+    return GenerationConfig(
+        **sampling, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences, num_beams=1,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0, min_new_tokens=0, typical_p=1.0, min_p=0.0,
+        epsilon_cutoff=0.0, eta_cutoff=0.0, encoder_repetition_penalty=1.0, renormalize_logits=False,
+        eos_token_id=list(stop_ids), pad_token_id=pad_token_id, bos_token_id=None, forced_bos_token_id=None,
+        forced_eos_token_id=None, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
+        sequence_bias=None, exponential_decay_length_penalty=None, guidance_scale=None, watermarking_config=None)
+
+
+@torch.no_grad()
+def sample_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                  do_sample: bool, temperature: float, stop_ids: Sequence[int], pad_token_id: int,
+                  num_return_sequences: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Completions of left-padded prompts ``[B, P]``: ``(tokens, keep)``, each ``[B * n, L]``.
+
+    ``keep`` marks each completion's tokens up to and including its first stop token; what follows is padding.
+    The checkpoint's own ``generation_config`` is set aside for the call (transformers fills every field left
+    unset from it), then restored. The model is left in the mode it was in.
+    """
+    config = policy_generation_config(do_sample=do_sample, temperature=temperature, max_new_tokens=max_new_tokens,
+                                      stop_ids=stop_ids, pad_token_id=pad_token_id,
+                                      num_return_sequences=num_return_sequences)
+    was_training, saved = model.training, getattr(model, "generation_config", None)
+    model.eval()
+    model.generation_config = GenerationConfig()
+    try:
+        sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    finally:
+        model.generation_config = saved
+        model.train(was_training)
+    tokens = sequences[:, input_ids.shape[1]:]
+    is_stop = torch.isin(tokens, torch.tensor(list(stop_ids), device=tokens.device))
+    keep = (is_stop.long().cumsum(-1) - is_stop.long()) == 0
+    return tokens, keep
 
 
 @torch.no_grad()
@@ -18,15 +80,15 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
              ) -> Union[List[str], Tuple[List[str], List[Tuple[List[int], List[int]]]]]:
     """Completions for ``prompts`` (``num_return_sequences`` per prompt, grouped by prompt).
 
-    Prompts are left-padded (the prompt's end is kept when it is too long); generation stops at EOS or after
-    ``max_new_tokens``; the returned text excludes the prompt and special tokens. Sampling is seeded. With
-    ``return_token_ids`` also the exact ``(prompt_ids, completion_ids)`` sampled (completion up to and including
-    EOS), for scoring the very tokens drawn rather than a re-tokenisation of their text. ``progress`` names a Rich
-    progress bar over the batches.
+    Prompts are left-padded (the prompt's end is kept when it is too long) and sent to the model's device;
+    sampling is from ``softmax(logits / temperature)`` with nothing else applied (:func:`sample_tokens`);
+    generation stops at any of the checkpoint's stop tokens or after ``max_new_tokens``; the returned text excludes
+    the prompt and special tokens. Sampling is seeded. With ``return_token_ids`` also the exact
+    ``(prompt_ids, completion_ids)`` sampled (completion up to and including its stop token), for scoring the very
+    tokens drawn rather than a re-tokenisation of their text. ``progress`` names a Rich progress bar.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
+    stop_ids = stop_token_ids(model, tokenizer)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     collate = PromptCollator(tokenizer.pad_token_id)
     outputs: List[str] = []
@@ -40,21 +102,13 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
         features = tokenize_prompts([PromptOnly(p) for p in prompts[start: start + batch_size]], tokenizer,
                                     max_prompt_length)
         batch = collate(features)
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        width = input_ids.shape[1]
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(
-            do_sample=False)
-        sequences = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
-            num_return_sequences=num_return_sequences, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, **kwargs)
-        generated = sequences[:, width:].tolist()
-        outputs += tokenizer.batch_decode(generated, skip_special_tokens=True)
+        tokens, keep = sample_tokens(
+            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
+            do_sample=do_sample, temperature=temperature, stop_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
+            num_return_sequences=num_return_sequences)
+        kept = [row[: int(n)] for row, n in zip(tokens.tolist(), keep.sum(-1).tolist())]
+        outputs += tokenizer.batch_decode(kept, skip_special_tokens=True)
         if return_token_ids:
-            for row, ids in enumerate(generated):
-                if tokenizer.eos_token_id in ids:
-                    ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
-                token_ids.append((features[row // num_return_sequences]["prompt_ids"], ids))
-    model.train(was_training)
+            token_ids += [(features[i // num_return_sequences]["prompt_ids"], ids) for i, ids in enumerate(kept)]
     return (outputs, token_ids) if return_token_ids else outputs

@@ -1,25 +1,209 @@
 """Completion log-probs of a causal LM: ``log pi(y | x)`` summed over the completion tokens.
 
-Every loss, the reference precompute and the evaluation KL take their log-probs here. The log-probs go through
-``rlmf.kernels.logprobs_from_hidden`` (the decoder's last hidden states times the LM head, never materialising the
-``[tokens, vocab]`` logits), so they must reproduce exactly what the model's own ``forward`` does to its logits.
+Every loss, the reference precompute and the evaluation KL take their log-probs here. They do not call
+``model.forward``: the decoder's last hidden states are taken at the labelled (completion) positions only, and only
+those rows go through the LM head, so the head's cost follows the completion tokens rather than the padded batch.
+Plain heads go through the fused ``rlmf.kernels.logprobs_from_hidden`` (the ``[tokens, vocab]`` logits are never
+held).
+
+Bypassing ``forward`` means reproducing what it does to the logits, which differs per architecture. What is known is
+described by a :class:`LogitTransform` (``logits = cap * tanh(scale * head(h) / cap)``, see :func:`logit_transform`):
+
+* a positive ``scale`` alone (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``) folds into the kernel's
+  temperature, exactly;
+* a soft-cap (Gemma-2/3 ``final_logit_softcapping``) is not linear: the logits of the labelled rows are materialised,
+  capped, and scored with ``rlmf.kernels.logprobs_from_logits``.
+
+Anything else is refused rather than silently wrong: :func:`logit_transform` raises for config attributes that are
+known to change the logits of architectures it has not been taught, and :func:`check_logprobs_match_forward`
+compares the result against ``log_softmax(model(...).logits)`` on a short probe (run once when a model is loaded).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from rlmf.data.collate import IGNORE_INDEX
-from rlmf.kernels import logprobs_from_hidden
+from rlmf.kernels import logprobs_from_hidden, logprobs_from_logits
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The transformers ``*ForCausalLM`` module under any wrapper (a PEFT model's ``get_base_model()``)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
     """The causal LM without its head (``model.model`` for Llama), whatever wraps it (PEFT included)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     return getattr(base, base.base_model_prefix)
+
+
+# --- what forward does to the logits ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """How a model's ``forward`` turns the head output ``z = h @ W.T + b`` into the logits it returns:
+    ``logits = softcap * tanh(scale * z / softcap)``, or ``scale * z`` when ``softcap`` is None.
+
+    Our ``temperature`` then divides those logits, as it would divide ``model(...).logits``.
+    """
+
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    @property
+    def folds_into_temperature(self) -> bool:
+        """True when the transform is a positive scaling: ``log_softmax(scale * z / T) == log_softmax(z / (T/scale))``."""
+        return self.softcap is None and self.scale > 0
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        """``[N, V]`` head output -> ``[N, V]`` logits, computed like the HF forward (scale, then cap)."""
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+# Config attributes that some architectures' forward applies to the logits, with the value that leaves them alone.
+# Seen in transformers 5.24: final_logit_softcapping (Gemma-2/3/3n/4, VaultGemma, nanochat, Inkling2, Mistral-Large-4),
+# logits_soft_cap (RecurrentGemma), logit_scale (Cohere, Cohere2), logits_scaling (Granite family divides,
+# HyperCLOVA X multiplies, MiniCPM3 divides the hidden state), lm_head_multiplier (Falcon-H1), output_multiplier
+# (MuseSpark). The same name does not mean the same operation, hence the per-class table below.
+LOGIT_CONFIG_ATTRIBUTES: Dict[str, Optional[float]] = {
+    "final_logit_softcapping": None,
+    "logits_soft_cap": None,
+    "logit_scale": 1.0,
+    "logits_scaling": 1.0,
+    "lm_head_multiplier": 1.0,
+    "output_multiplier": 1.0,
+}
+
+
+def _softcap(model: nn.Module) -> LogitTransform:
+    # Gemma2ForCausalLM / Gemma3ForCausalLM: `if cap is not None: logits = tanh(logits / cap) * cap`.
+    return LogitTransform(softcap=model.config.final_logit_softcapping)
+
+
+def _times_logit_scale(model: nn.Module) -> LogitTransform:
+    # CohereForCausalLM / Cohere2ForCausalLM: `logits = logits * self.logit_scale`, an attribute copied from the
+    # config in __init__ (the module attribute is what forward reads).
+    return LogitTransform(scale=float(getattr(model, "logit_scale", model.config.logit_scale)))
+
+
+def _over_logits_scaling(model: nn.Module) -> LogitTransform:
+    # The Granite family: `logits = logits / self.config.logits_scaling`.
+    return LogitTransform(scale=1.0 / float(model.config.logits_scaling))
+
+
+# Architecture class -> (the LOGIT_CONFIG_ATTRIBUTES its forward applies, how). Each entry was read off the
+# class's forward in transformers 5.24 (models/<arch>/modeling_<arch>.py). Classes not listed are assumed to
+# return the head's output unchanged, which logit_transform() refuses whenever one of the attributes is set.
+KNOWN_LOGIT_TRANSFORMS: Dict[str, Tuple[Tuple[str, ...], Callable[[nn.Module], LogitTransform]]] = {
+    "Gemma2ForCausalLM": (("final_logit_softcapping",), _softcap),
+    "Gemma3ForCausalLM": (("final_logit_softcapping",), _softcap),
+    "CohereForCausalLM": (("logit_scale",), _times_logit_scale),
+    "Cohere2ForCausalLM": (("logit_scale",), _times_logit_scale),
+    "GraniteForCausalLM": (("logits_scaling",), _over_logits_scaling),
+    "GraniteMoeForCausalLM": (("logits_scaling",), _over_logits_scaling),
+    "GraniteMoeSharedForCausalLM": (("logits_scaling",), _over_logits_scaling),
+    "GraniteMoeHybridForCausalLM": (("logits_scaling",), _over_logits_scaling),
+}
+
+
+def _describe(model: nn.Module) -> str:
+    base = base_model_of(model)
+    return f"{type(base).__name__} (model_type={getattr(base.config, 'model_type', None)!r})"
+
+
+def logit_transform(model: nn.Module) -> LogitTransform:
+    """What ``model.forward`` does between the LM head and the logits it returns, for ``model`` (PEFT-wrapped or not).
+
+    Raises:
+        ValueError: the config (or its text config) sets one of :data:`LOGIT_CONFIG_ATTRIBUTES` to a non-neutral
+            value on an architecture not in :data:`KNOWN_LOGIT_TRANSFORMS`: its forward changes the logits in a way
+            this module does not reproduce, and the log-probs would be silently wrong.
+    """
+    base = base_model_of(model)
+    handled, read = KNOWN_LOGIT_TRANSFORMS.get(type(base).__name__, ((), None))
+    configs = [base.config]
+    text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if text_config is not base.config:
+        configs.append(text_config)
+    for config in configs:
+        for name, neutral in LOGIT_CONFIG_ATTRIBUTES.items():
+            value = getattr(config, name, neutral)
+            if name in handled or value is None or value == neutral:
+                continue
+            raise ValueError(
+                f"{_describe(model)} sets config.{name}={value!r}, which transforms the logits in the forward of "
+                f"some architectures; rlmf.logprobs reproduces it only for {', '.join(KNOWN_LOGIT_TRANSFORMS)}. "
+                "Refusing rather than computing wrong log-probs: read this architecture's forward and add it to "
+                "rlmf.logprobs.KNOWN_LOGIT_TRANSFORMS."
+            )
+    return read(base) if read is not None else LogitTransform()
+
+
+# --- log-probs ---------------------------------------------------------------------------------------------------
+
+def _is_plain_linear(head: nn.Module) -> bool:
+    """A head whose output is exactly ``F.linear(h, head.weight, head.bias)`` (not a LoRA or quantised layer)."""
+    return isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
+
+
+def head_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+                  ) -> torch.Tensor:
+    """``log_softmax(model_logits(hidden) / T)[target]`` per row, as ``model.forward`` would score it.
+
+    Args:
+        model: the causal LM (PEFT-wrapped or not).
+        hidden: ``[N, H]`` last hidden states of the positions to score (already selected: every row costs a
+            head evaluation).
+        targets: ``[N]`` the token each row predicts (``-100`` rows give 0).
+        temperature: divides the model's final logits.
+
+    Returns:
+        ``[N]`` float32 log-probs (float64 for a float64 model), differentiable.
+    """
+    transform = logit_transform(model)
+    head = base_model_of(model).get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{_describe(model)} has no output embeddings (get_output_embeddings() is None)")
+    if transform.folds_into_temperature and _is_plain_linear(head):
+        # log_softmax(scale * z / T) = log_softmax(z / (T / scale)): exact, and the fused kernel never holds the
+        # [N, V] logits.
+        return logprobs_from_hidden(hidden, head.weight, targets, bias=head.bias,
+                                    temperature=temperature / transform.scale)
+    # Non-linear transforms (soft-cap), non-positive scales and heads that are not a plain Linear (a LoRA layer on
+    # lm_head, a quantised layer): materialise the logits of the selected rows only and score them.
+    logits = transform.apply(head(hidden))
+    return logprobs_from_logits(logits, targets, temperature=temperature)
+
+
+def completion_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           labels: torch.Tensor, temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the labelled tokens: ``(token_logps [B, L-1], mask [B, L-1])``.
+
+    ``token_logps[b, t]`` is ``log p(labels[b, t+1] | input_ids[b, :t+1])`` where ``mask[b, t]``
+    (``labels[b, t+1] != -100``), 0 elsewhere. Inputs are ``[B, L]``; ``labels`` are aligned with ``input_ids`` and
+    shifted here. Positions follow the mask (``cumsum(mask) - 1``), so left- and right-padded rows score the same.
+    """
+    # Positions follow the mask, so a left-padded prompt is scored exactly as generate() saw it.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state                     # [B, L, H]
+    shifted = labels[:, 1:]                                                           # [B, L-1]
+    mask = shifted != IGNORE_INDEX
+    # Only the labelled positions go through the head: prompts and padding cost nothing there.
+    picked = head_logprobs(model, hidden[:, :-1][mask], shifted[mask], temperature)  # [N]
+    # Back to [B, L-1] (zeros elsewhere); masked_scatter keeps the graph to `picked`, and a dense row sum is
+    # deterministic on every device, unlike an atomic index_add.
+    token_logps = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
+    return token_logps, mask
 
 
 def completion_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -27,19 +211,10 @@ def completion_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     """Summed log-probs of the labelled (completion) tokens and their counts, each [B].
 
     ``labels`` are aligned with ``input_ids`` (-100 where no loss is taken); the shift happens here: the hidden
-    state at position t predicts the label at t+1.
+    state at position t predicts the label at t+1. Equal to summing
+    ``log_softmax(model(input_ids, attention_mask, position_ids).logits / temperature)`` at the labels.
     """
-    # Positions follow the mask, so a left-padded prompt is scored exactly as generate() saw it.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids).last_hidden_state
-    head = model.get_output_embeddings()
-    shifted = labels[:, 1:]
-    token_logps = logprobs_from_hidden(
-        hidden[:, :-1].reshape(-1, hidden.shape[-1]), head.weight, shifted.reshape(-1), bias=head.bias,
-        temperature=temperature,
-    ).view(shifted.shape)
-    mask = shifted != IGNORE_INDEX
+    token_logps, mask = completion_token_logps(model, input_ids, attention_mask, labels, temperature)
     return token_logps.sum(-1), mask.sum(-1)
 
 
@@ -62,3 +237,83 @@ def batched_completion_logps(model: nn.Module, features, collate: Callable, batc
         out.append(completion_logps(model, *args, temperature=temperature)[0].float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+# --- refusing rather than being silently wrong ---------------------------------------------------------------------
+
+# Largest tolerated |our log-prob - forward's log-prob| on the probe, by the dtype of the LM head. 16-bit: the fused
+# kernels keep float32 logits where forward rounds them to the model dtype (up to ~0.06 at |logit| ~ 16 in bfloat16);
+# a missed soft-cap or scaling on a real model is off by whole nats.
+PROBE_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 0.05, torch.bfloat16: 0.25}
+
+
+def probe_batch(vocab_size: int, length: int = 8, device=None, seed: int = 0
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A two-row probe ``(input_ids, attention_mask, labels)``, each ``[2, length]``: row 0 right-padded and row 1
+    left-padded by two positions, random tokens (fixed ``seed``), every real token but the first labelled."""
+    if length < 4:
+        raise ValueError(f"probe length must be >= 4, got {length}")
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab_size, (2, length), generator=generator)
+    attention_mask = torch.ones(2, length, dtype=torch.long)
+    attention_mask[0, -2:] = 0
+    attention_mask[1, :2] = 0
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    labels[0, 0] = labels[1, 2] = IGNORE_INDEX  # the first real token is the "prompt"
+    return input_ids.to(device), attention_mask.to(device), labels.to(device)
+
+
+@torch.no_grad()
+def check_logprobs_match_forward(model: nn.Module, temperature: float = 1.0, atol: Optional[float] = None,
+                                 length: int = 8) -> float:
+    """Check that :func:`completion_logps` agrees with ``log_softmax(model(...).logits / T)`` on ``model``.
+
+    Run once when a model is loaded: a two-row probe of ``length`` random tokens (one right-, one left-padded)
+    goes through both paths, without grad and in eval mode (the train/eval mode is restored). Works for
+    PEFT-wrapped models.
+
+    Args:
+        model: the causal LM.
+        temperature: temperature of the comparison.
+        atol: largest tolerated per-token difference; default by the head's dtype (:data:`PROBE_TOLERANCE`).
+        length: probe length in tokens.
+
+    Returns:
+        The largest per-token absolute difference found.
+
+    Raises:
+        ValueError: naming the architecture class and ``model_type``: a config attribute known to transform the
+            logits is not handled (see :func:`logit_transform`), or the two paths differ by more than ``atol``.
+    """
+    logit_transform(model)  # the clearer message first, for what we know we do not handle
+    base = base_model_of(model)
+    head = base.get_output_embeddings()
+    dtype = head.weight.dtype if getattr(head, "weight", None) is not None else next(model.parameters()).dtype
+    atol = PROBE_TOLERANCE.get(dtype, 1e-3) if atol is None else atol
+    vocab_size = base.get_input_embeddings().num_embeddings
+    if getattr(head, "weight", None) is not None:
+        vocab_size = min(vocab_size, head.weight.shape[0])  # probe tokens must be both inputs and targets
+    device = next(model.parameters()).device
+    input_ids, attention_mask, labels = probe_batch(vocab_size, length, device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    was_training = model.training
+    model.eval()
+    try:
+        ours, mask = completion_token_logps(model, input_ids, attention_mask, labels, temperature)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits[:, :-1]
+    finally:
+        model.train(was_training)
+    targets = labels[:, 1:]
+    theirs = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets.clamp(min=0)[..., None])
+    diff = (ours.float() - theirs[..., 0]).abs()[mask]
+    worst = float(diff.max()) if diff.numel() else 0.0
+    if not worst <= atol:  # also catches NaN
+        raise ValueError(
+            f"{_describe(model)}: rlmf.logprobs disagrees with log_softmax(model(...).logits) by up to {worst:.3g} "
+            f"per token (tolerance {atol:.3g}, temperature {temperature}). Its forward transforms the logits in a way "
+            "rlmf.logprobs does not reproduce; read its forward and add it to rlmf.logprobs.KNOWN_LOGIT_TRANSFORMS."
+        )
+    return worst

@@ -8,12 +8,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel,
                           PreTrainedTokenizerFast)
+
+from rlmf.placement import DTYPES
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -56,14 +58,28 @@ def build_tiny_generator(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int
         return LlamaForCausalLM(config)
 
 
-def load_generator(name_or_path: str | Path) -> Tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Any causal LM and its tokenizer, by hub name or local directory (as saved by :func:`save_generator`)."""
+def load_generator(name_or_path: str | Path, *, torch_dtype: Optional[str] = None,
+                   attn_implementation: Optional[str] = None, gradient_checkpointing: bool = False
+                   ) -> Tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Any causal LM and its tokenizer, by hub name or local directory (as saved by :func:`save_generator`).
+
+    ``torch_dtype`` (``float32``, ``bfloat16``, ``float16``; None keeps float32) and ``attn_implementation``
+    (``eager``, ``sdpa``, ``flash_attention_2``, ...; None lets transformers choose) are passed to
+    ``from_pretrained``. ``gradient_checkpointing`` turns on the model's own (non-reentrant) activation
+    checkpointing, which acts in train mode. The model comes back where ``from_pretrained`` puts it (CPU, eval
+    mode): callers place it with :mod:`rlmf.placement`.
+    """
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path))
+    kwargs = {"dtype": DTYPES[torch_dtype] if torch_dtype else torch.float32}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
 
 

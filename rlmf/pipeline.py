@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -22,8 +23,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlmf.config import STAGES
-from rlmf.generation import generate
+from rlmf.files import write_atomic
+from rlmf.generation import generate, stop_token_ids
+from rlmf.logprobs import check_logprobs_match_forward
 from rlmf.models import build_tiny_generator, load_generator, save_generator, train_tokenizer
+from rlmf.placement import Placement, resolve_precision
 from rlmf.tasks import persona_email
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,25 @@ class Run:
                 heldout_persona_fraction=t.heldout_persona_fraction, validation_fraction=t.validation_fraction,
                 demo_quality=t.demo_quality)
         return self._world
+
+    @property
+    def placement(self) -> Placement:
+        """Where every model outside ``trainer.fit`` runs (device, dtype, autocast): :mod:`rlmf.placement`."""
+        return Placement.from_config(self.cfg)
+
+    def load_generator(self, path: str | Path):
+        """A generator checkpoint and its tokenizer as the config says (dtype, attention, gradient checkpointing),
+        checked to give the log-probs its own forward gives, placed on the run's device in eval mode."""
+        g = self.cfg.generator
+        model, tokenizer = load_generator(path, torch_dtype=g.torch_dtype, attn_implementation=g.attn_implementation,
+                                          gradient_checkpointing=g.gradient_checkpointing)
+        check_logprobs_match_forward(model)
+        return self.placement.put(model), tokenizer
+
+    def load_discriminator(self, path: Path):
+        from rlmf.modules.discriminator import Discriminator
+
+        return self.placement.put(Discriminator.load(path))
 
     @property
     def uses_files(self) -> bool:
@@ -138,8 +161,7 @@ class Run:
 
 
 def mark_done(directory: Path, metrics: Dict[str, Any]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "done.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    write_atomic(directory / "done.json", json.dumps(metrics, indent=2, sort_keys=True))
 
 
 def read_done(directory: Path) -> Dict[str, Any]:
@@ -148,17 +170,20 @@ def read_done(directory: Path) -> Dict[str, Any]:
 
 # --- Lightning plumbing ----------------------------------------------------------------------------------------
 
-def resolve_precision(precision: str) -> str:
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
-
-
 def stage_steps(run: Run, steps: int) -> int:
     cap = run.cfg.trainer.max_steps
     return min(steps, cap) if cap > 0 else steps
+
+
+def optimiser_steps(run: Run, opt: DictConfig, batches_per_epoch: int) -> int:
+    """A generator stage's length in optimiser steps: ``opt.max_epochs`` passes over the data when set (each epoch
+    ``ceil(batches / trainer.accumulate_grad_batches)`` steps), else ``opt.max_steps``; capped by
+    ``trainer.max_steps``."""
+    if opt.get("max_epochs"):
+        steps = opt.max_epochs * math.ceil(batches_per_epoch / run.cfg.trainer.accumulate_grad_batches)
+    else:
+        steps = opt.max_steps
+    return stage_steps(run, steps)
 
 
 def make_trainer(run: Run, stage: str, max_steps: int, validate: bool = True) -> L.Trainer:
@@ -171,8 +196,9 @@ def make_trainer(run: Run, stage: str, max_steps: int, validate: bool = True) ->
         callbacks.append(RichProgressBar(leave=True))
     loggers = run.lightning_loggers(stage)
     return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=resolve_precision(t.precision),
-        max_steps=max_steps, max_epochs=-1, gradient_clip_val=t.gradient_clip_val,
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+        precision=resolve_precision(t.precision, t.accelerator), max_steps=max_steps, max_epochs=-1,
+        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=min(t.log_every_n_steps, max_steps), logger=loggers or False, callbacks=callbacks,
         enable_progress_bar=t.progress_bar, enable_model_summary=False, default_root_dir=str(run.stage_dir(stage)),
         val_check_interval=t.val_check_interval or max_steps, check_val_every_n_epoch=None,
@@ -192,7 +218,8 @@ def initial_generator(run: Run):
     """The untrained starting point: a fresh tiny Llama with a tokenizer trained on the task, or an HF model."""
     g = run.cfg.generator
     if g.kind == "hf":
-        return load_generator(g.name_or_path)
+        return load_generator(g.name_or_path, torch_dtype=g.torch_dtype, attn_implementation=g.attn_implementation,
+                              gradient_checkpointing=g.gradient_checkpointing)
     if run.uses_files:
         texts = [x for p in run.file_pairs("train") for x in (p.prompt + p.chosen, p.prompt + p.rejected)]
     else:
@@ -204,13 +231,23 @@ def initial_generator(run: Run):
     return model, tokenizer
 
 
-def generator_checkpoints(run: Run) -> Dict[str, Path]:
+def starting_generator(run: Run) -> str | Path:
+    """What alignment starts from (and measures KL against): the SFT generator when the run has one; a
+    ``generator=hf`` checkpoint as it is when the job leaves ``sft`` out of ``stage.stages``."""
+    if run.finished_dir("sft") is None and "sft" not in run.cfg.stage.stages and run.cfg.generator.kind == "hf":
+        return run.cfg.generator.name_or_path
+    return run.require("sft") / "generator"
+
+
+def generator_checkpoints(run: Run) -> Dict[str, str | Path]:
     """Every generator the run has produced so far, by the name used in tables: initial, sft, aligned."""
-    found = {}
+    found: Dict[str, str | Path] = {}
     sft = run.finished_dir("sft")
     if sft is not None:
         found["initial"] = sft / "initial"
         found["sft"] = sft / "generator"
+    elif run.cfg.generator.kind == "hf":
+        found["initial"] = run.cfg.generator.name_or_path
     align = run.finished_dir("align")
     if align is not None:
         found["aligned"] = align / "generator"
@@ -234,9 +271,10 @@ def stage_sft(run: Run) -> Dict[str, Any]:
     data = SFTDataModule(train, validation, tokenizer,
                          batch_size=opt.batch_size, max_length=g.max_length, max_prompt_length=g.max_prompt_length,
                          seed=run.cfg.seed, num_workers=run.cfg.trainer.num_workers)
+    check_logprobs_match_forward(model)
     module = Generator(model, loss_name="sft", lr=opt.lr, weight_decay=opt.weight_decay,
                        warmup_ratio=opt.warmup_ratio, metric_prefix="sft")
-    steps = stage_steps(run, opt.max_steps)
+    steps = optimiser_steps(run, opt, data.batches_per_epoch())
     trainer = make_trainer(run, "sft", steps)
     before = trainer.validate(module, datamodule=data, verbose=False)[0]["sft/val/loss"]
     trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(run, "sft"))
@@ -256,9 +294,16 @@ def gold_reply_rates(run: Run, prompts: List[str], completions: List[str]) -> Li
 def sample(run: Run, model, tokenizer, prompts: List[str], k: int, seed: int, what: str = "sampling", **kwargs):
     g = run.cfg.generator
     progress = f"{what}: {len(prompts)} prompts x {k}" if run.cfg.trainer.progress_bar else None
-    return generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, do_sample=True,
-                    temperature=g.temperature, seed=seed, max_prompt_length=g.max_prompt_length,
-                    num_return_sequences=k, progress=progress, **kwargs)
+    with run.placement.inference():
+        return generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, do_sample=True,
+                        temperature=g.temperature, seed=seed, max_prompt_length=g.max_prompt_length,
+                        num_return_sequences=k, progress=progress, **kwargs)
+
+
+def score(run: Run, discriminator, prompts: List[str], completions: List[str]) -> torch.Tensor:
+    """Discriminator rewards ``[B]`` on the run's device and precision."""
+    with run.placement.inference():
+        return discriminator.score(prompts, completions)
 
 
 def stage_feedback(run: Run) -> Dict[str, Any]:
@@ -273,7 +318,7 @@ def stage_feedback(run: Run) -> Dict[str, Any]:
     from rlmf.data import FeedbackExample, PreferencePair, write_jsonl
 
     t, world = run.cfg.task, run.world
-    model, tokenizer = load_generator(run.require("sft") / "generator")
+    model, tokenizer = run.load_generator(run.require("sft") / "generator")
     k = t.feedback_samples_per_prompt
     briefs = world.train[: t.feedback_prompts]
     emails = sample(run, model, tokenizer, [b.prompt for b in briefs], k, seed=run.cfg.seed + 1,
@@ -349,7 +394,11 @@ def stage_discriminator(run: Run) -> Dict[str, Any]:
     trainer = make_trainer(run, "discriminator", steps, validate=bool(heldout))
 
     def accuracy() -> float:
-        return pairwise_accuracy(module, heldout) if heldout else float("nan")
+        if not heldout:
+            return float("nan")
+        run.placement.put(module)  # Lightning hands the module back on the CPU after fit
+        with run.placement.inference():
+            return pairwise_accuracy(module, heldout)
 
     accuracy_before = accuracy()
     trainer.fit(module, loader, val_loader, ckpt_path=resume_checkpoint(run, "discriminator"))
@@ -373,7 +422,7 @@ def machine_feedback(run: Run, model, tokenizer, discriminator) -> Tuple[list, l
     k = t.align_samples_per_prompt
     prompts = [b.prompt for b in run.world.train[: t.align_prompts]]
     emails = sample(run, model, tokenizer, prompts, k, seed=run.cfg.seed + 4, what="RLMF round samples")
-    rewards = discriminator.score([p for p in prompts for _ in range(k)], emails).view(len(prompts), k)
+    rewards = score(run, discriminator, [p for p in prompts for _ in range(k)], emails).view(len(prompts), k)
     pairs, thumbs = [], []
     for i, prompt in enumerate(prompts):
         best, worst = int(rewards[i].argmax()), int(rewards[i].argmin())
@@ -391,23 +440,30 @@ def machine_feedback(run: Run, model, tokenizer, discriminator) -> Tuple[list, l
 
 
 def stage_align(run: Run) -> Dict[str, Any]:
-    """One RLMF round: the SFT generator samples, the discriminator ranks, the generator learns with ``algo``."""
+    """One RLMF round: the starting generator samples, the discriminator ranks, the generator learns with ``algo``.
+
+    With ``task=preference_files`` the file's pairs are the feedback. The starting generator is the SFT model, or
+    a ``generator=hf`` checkpoint as it is when the job has no ``sft`` stage (:func:`starting_generator`).
+    """
     from rlmf.data import pairs_to_feedback, tokenize_feedback, tokenize_pairs, write_jsonl
-    from rlmf.data.alignment import AlignmentDataModule
-    from rlmf.losses import get_loss
-    from rlmf.modules.discriminator import Discriminator
+    from rlmf.data.alignment import AlignmentDataModule, with_mismatched_completions
+    from rlmf.losses import get_loss, loss_inputs
     from rlmf.modules.generator import Generator
     from rlmf.reference import attach_precomputed, prepare_reference
 
     a, g = run.cfg.algo, run.cfg.generator
     out = run.stage_dir("align")
-    sft_dir = run.require("sft") / "generator"
-    model, tokenizer = load_generator(sft_dir)
-    data_format = get_loss(a.name).data_format
+    start = starting_generator(run)
+    model, tokenizer = run.load_generator(start)
+    loss = get_loss(a.name)
+    data_format = loss.data_format
 
     def tokenize(pairs, thumbs):
         if data_format == "unpaired":
-            return tokenize_feedback(thumbs, tokenizer, g.max_length, g.max_prompt_length)
+            features, drops = tokenize_feedback(thumbs, tokenizer, g.max_length, g.max_prompt_length)
+            if "policy_kl_logps" in loss_inputs(a.name):  # KTO's reference point: fixed mismatched rows
+                features = with_mismatched_completions(features, g.max_length)
+            return features, drops
         return tokenize_pairs(pairs, tokenizer, g.max_length, g.max_prompt_length)
 
     if run.uses_files:  # the file's pairs are the feedback
@@ -415,8 +471,9 @@ def stage_align(run: Run) -> Dict[str, Any]:
         (train, drops), (validation, _) = (tokenize(run.file_pairs(s), pairs_to_feedback(run.file_pairs(s)))
                                            for s in ("train", "eval"))
     else:
-        discriminator = Discriminator.load(run.require("discriminator") / "model")
+        discriminator = run.load_discriminator(run.require("discriminator") / "model")
         pairs, thumbs, stats = machine_feedback(run, model, tokenizer, discriminator)
+        del discriminator
         write_jsonl(out / "pairs.jsonl", pairs)
         write_jsonl(out / "thumbs.jsonl", thumbs)
         features, drops = tokenize(pairs, thumbs)
@@ -424,25 +481,28 @@ def stage_align(run: Run) -> Dict[str, Any]:
         train, validation = features[n_val:], features[:n_val]
     log.info("alignment data: %s", drops)
     splits = {"train": train, "validation": validation}
-    if a.reference == "precomputed":
-        cache, hit = attach_precomputed(model, sft_dir, splits, data_format if data_format != "paired_online"
-                                        else "paired", tokenizer.pad_token_id, g.max_length, a.reference_cache_dir)
+    reference_mode = a.reference if loss.requires_reference else "none"
+    if reference_mode == "precomputed":
+        with run.placement.inference():
+            cache, hit = attach_precomputed(
+                model, start, splits, "paired" if data_format == "paired_online" else data_format,
+                tokenizer.pad_token_id, a.reference_cache_dir, placement=run.placement)
         stats["align/reference_cache_hit"] = float(hit)
-    policy, reference = prepare_reference(a.reference if get_loss(a.name).requires_reference else "none", model,
-                                          a.lora_rank, data_format)
+    policy, reference = prepare_reference(reference_mode, model, a.lora_rank, data_format)
     opt = a.optim
     module = Generator(policy, loss_name=a.name, loss_kwargs=OmegaConf.to_container(a.loss, resolve=True),
                        lr=opt.lr, weight_decay=opt.weight_decay, warmup_ratio=opt.warmup_ratio,
-                       reference=reference, reference_mode=a.reference, online_samples=a.online_samples,
-                       max_new_tokens=g.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, metric_prefix="align")
+                       reference=reference, reference_mode=reference_mode, online_samples=a.online_samples,
+                       max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                       stop_token_ids=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       metric_prefix="align")
     data = AlignmentDataModule(splits["train"], splits["validation"], data_format, tokenizer.pad_token_id,
                                g.max_length, opt.batch_size, seed=run.cfg.seed,
                                num_workers=run.cfg.trainer.num_workers)
-    steps = stage_steps(run, opt.max_steps)
+    steps = optimiser_steps(run, opt, data.batches_per_epoch())
     trainer = make_trainer(run, "align", steps)
     trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(run, "align"))
-    trained = module.model.merge_and_unload() if a.reference == "lora" else module.model
+    trained = module.model.merge_and_unload() if reference_mode == "lora" else module.model
     save_generator(trained, tokenizer, out / "generator")
     metrics = {**stats, **drops.as_dict("align/data/"), "align/steps": steps,
                "align/val_loss": float(trainer.callback_metrics.get("align/val/loss", float("nan")))}
@@ -450,42 +510,50 @@ def stage_align(run: Run) -> Dict[str, Any]:
     return metrics
 
 
-def evaluate_generator(run: Run, name: str, path: Path, prompts: List[str], discriminator, reference
+def evaluate_generator(run: Run, name: str, path: str | Path, prompts: List[str], discriminator, reference
                        ) -> Tuple[Dict[str, float], List[str]]:
-    """One generator's metrics on ``prompts`` and one sampled completion per prompt."""
+    """One generator's metrics on ``prompts`` and one sampled completion per prompt.
+
+    ``kl/<name>`` estimates KL(policy || reference) on the policy's own samples, both scored at the temperature
+    the samples were drawn at (``generator.temperature``), i.e. the KL between the distributions sampled.
+    """
     from rlmf.data.collate import FeedbackCollator
     from rlmf.logprobs import batched_completion_logps
 
     t, g = run.cfg.task, run.cfg.generator
     k = t.get("eval_samples_per_prompt", 1)
     sampled_prompts = [p for p in prompts for _ in range(k)]
-    model, tokenizer = load_generator(path)
+    model, tokenizer = run.load_generator(path)
     sampled, ids = sample(run, model, tokenizer, prompts, k, seed=run.cfg.seed + 5, return_token_ids=True,
                           what=f"evaluating {name}")
     metrics: Dict[str, float] = {}
     if not run.uses_files:
-        greedy = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, do_sample=False,
-                          max_prompt_length=g.max_prompt_length)
+        with run.placement.inference():
+            greedy = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, do_sample=False,
+                              max_prompt_length=g.max_prompt_length)
         rates = gold_reply_rates(run, sampled_prompts, sampled)
         metrics[f"gold/reply_rate/{name}"] = sum(rates) / len(rates)
         greedy_rates = gold_reply_rates(run, prompts, greedy)
         metrics[f"gold/reply_rate_greedy/{name}"] = sum(greedy_rates) / len(greedy_rates)
     if discriminator is not None:
-        metrics[f"discriminator/reward/{name}"] = float(discriminator.score(sampled_prompts, sampled).mean())
+        metrics[f"discriminator/reward/{name}"] = float(score(run, discriminator, sampled_prompts, sampled).mean())
     if reference is not None and name != "initial":
         features = [{"prompt_ids": p, "completion_ids": c, "desirable": True} for p, c in ids if c]
         collate = FeedbackCollator(tokenizer.pad_token_id)
-        kl = batched_completion_logps(model, features, collate) - batched_completion_logps(reference, features, collate)
-        metrics[f"kl/{name}"] = float(kl.mean())
+        with run.placement.inference():
+            policy_logps, reference_logps = (batched_completion_logps(m, features, collate, temperature=g.temperature)
+                                             for m in (model, reference))
+        metrics[f"kl/{name}"] = float((policy_logps - reference_logps).mean())
     return metrics, sampled[::k]
 
 
 def stage_evaluate(run: Run) -> Dict[str, Any]:
-    """Every generator the run has (initial, sft, aligned) on held-out personas.
+    """Every generator the run has (initial, sft, aligned) on held-out prompts.
 
     Gold reply rate of sampled and greedy emails (the simulator's probabilities), mean discriminator reward, and
-    KL(policy || SFT reference) estimated on the policy's own samples as the mean of
-    ``log pi(y|x) - log ref(y|x)`` over the exact sampled tokens.
+    KL(policy || reference) estimated on the policy's own samples as the mean of ``log pi(y|x) - log ref(y|x)``
+    over the exact sampled tokens; the reference is the generator alignment started from (SFT, or the ``hf``
+    checkpoint itself in a job without ``sft``).
 
     Each generator's result is cached beside its checkpoint (``eval-<key>.json``, keyed by everything it depends
     on), so the jobs of a sweep that share one ``stage.from_run`` evaluate the shared SFT model once.
@@ -494,33 +562,30 @@ def stage_evaluate(run: Run) -> Dict[str, Any]:
 
     prompts = run.eval_prompts()
     discriminator_dir = run.finished_dir("discriminator")
-    discriminator = None
-    if discriminator_dir is not None:
-        from rlmf.modules.discriminator import Discriminator
-        discriminator = Discriminator.load(discriminator_dir / "model")
+    discriminator = run.load_discriminator(discriminator_dir / "model") if discriminator_dir is not None else None
     checkpoints = generator_checkpoints(run)
-    reference = load_generator(checkpoints["sft"])[0] if "sft" in checkpoints else None
+    start = checkpoints.get("sft", checkpoints.get("initial"))
+    reference = run.load_generator(start)[0] if start is not None else None
     g, t = run.cfg.generator, run.cfg.task
     settings = json.dumps([prompts, t.get("eval_samples_per_prompt", 1), g.max_new_tokens, g.temperature,
                            g.max_prompt_length, run.cfg.seed, run.uses_files,
                            str(discriminator_dir and discriminator_dir.resolve()),
-                           checkpoints.get("sft") and model_fingerprint(checkpoints["sft"])])
+                           start is not None and model_fingerprint(start), str(run.placement)])
     metrics: Dict[str, Any] = {}
     samples: Dict[str, List[str]] = {}
+    out = run.stage_dir("evaluate")
     for name, path in checkpoints.items():
         key = hashlib.sha256((settings + name + model_fingerprint(path)).encode()).hexdigest()[:16]
-        cache = path.parent / f"eval-{name}-{key}.json"
+        # Beside the checkpoint when it is a directory of ours, so sweeps sharing it evaluate it once.
+        cache = (Path(path).parent if Path(path).is_dir() else out) / f"eval-{name}-{key}.json"
         if cache.exists():
             result, samples[name] = json.loads(cache.read_text())
         else:
             result, samples[name] = evaluate_generator(run, name, path, prompts, discriminator, reference)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps([result, samples[name]]))
-            tmp.replace(cache)
+            write_atomic(cache, json.dumps([result, samples[name]]))
         metrics.update(result)
-    out = run.stage_dir("evaluate")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "samples.json").write_text(json.dumps({"prompts": prompts, "samples": samples}, indent=2))
+    write_atomic(out / "samples.json", json.dumps({"prompts": prompts, "samples": samples}, indent=2))
     run.log_table("evaluate/samples", ["prompt"] + list(samples),
                   [[p] + [samples[n][i] for n in samples] for i, p in enumerate(prompts)])
     mark_done(out, metrics)

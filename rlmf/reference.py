@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -20,38 +21,81 @@ import torch
 from torch import nn
 
 from rlmf.data.collate import FeedbackCollator, PairCollator
+from rlmf.files import write_atomic
 from rlmf.logprobs import batched_completion_logps
 
 log = logging.getLogger(__name__)
-CONTENT_HASH_LIMIT = 256 * 2**20  # hash weight files' bytes below this total size; their size and mtime above it
+
+# Bump when the way reference log-probs are computed changes in a way the files hashed below do not show.
+REFERENCE_CACHE_VERSION = 2
+# The code whose output the reference cache stores: the log-prob path and its kernels.
+_LOGPROB_CODE = ("logprobs.py", "kernels/dispatch.py", "kernels/logprobs_torch.py", "kernels/logprobs_hidden_triton.py",
+                 "kernels/logprobs_logits_triton.py")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
 
 
-def model_fingerprint(model_dir: str | Path) -> str:
-    """What identifies a saved model: its weights' bytes (small models) or their names, sizes and mtimes."""
-    files = sorted(p for p in Path(model_dir).glob("*") if p.suffix in (".safetensors", ".bin", ".json"))
-    digest = hashlib.sha256(str(Path(model_dir).resolve()).encode() if not files else b"")
-    total = sum(p.stat().st_size for p in files)
-    for p in files:
-        digest.update(p.name.encode())
-        if total <= CONTENT_HASH_LIMIT:
-            digest.update(p.read_bytes())
-        else:
-            stat = p.stat()
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+def _hash_file(digest, path: Path) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+
+
+def model_fingerprint(name_or_path: str | Path) -> str:
+    """What identifies a saved model: the bytes of its weight, config and tokenizer files, whatever their size.
+
+    A hub name is fingerprinted through its local snapshot (no network); a name with no local files falls back to
+    the name itself, with a warning, since nothing else identifies it.
+    """
+    directory = Path(name_or_path)
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(str(name_or_path), local_files_only=True))
+        except Exception:  # noqa: BLE001 - any failure means: no local snapshot to hash
+            log.warning("no local files for %s: its cache entries are keyed by its name only", name_or_path)
+            return hashlib.sha256(f"name:{name_or_path}".encode()).hexdigest()
+    digest = hashlib.sha256()
+    for p in sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES
+                    and not p.name.startswith(("eval-", "."))):
+        digest.update(str(p.relative_to(directory)).encode())
+        _hash_file(digest, p)
+    return digest.hexdigest()
+
+
+def code_fingerprint() -> str:
+    """The version of the code that computes log-probs: the cache's own version and the source files' bytes."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256(str(REFERENCE_CACHE_VERSION).encode())
+    for name in _LOGPROB_CODE:
+        candidate = root / name
+        if candidate.exists():
+            _hash_file(digest, candidate)
     return digest.hexdigest()
 
 
 def dataset_fingerprint(features: List[Dict[str, Any]]) -> str:
-    keys = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids")
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "kl_completion_ids")
     rows = [[f.get(k) for k in keys] for f in features]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 def compute_reference_logps(model: nn.Module, features: List[Dict[str, Any]], data_format: str, pad_token_id: int,
-                            max_length: int, batch_size: int = 16) -> List[Any]:
-    """Reference log-probs per feature: a ``(chosen, rejected)`` pair for paired data, a float otherwise."""
+                            batch_size: int = 16) -> List[Any]:
+    """Reference log-probs per feature, on the model's device.
+
+    Paired data: a ``(chosen, rejected)`` pair. Unpaired data: a float, or ``(completion, kl)`` when the features
+    carry KTO's mismatched completion (``kl_completion_ids``, from
+    :func:`rlmf.data.alignment.with_mismatched_completions`).
+    """
     if data_format == "unpaired":
-        return batched_completion_logps(model, features, FeedbackCollator(pad_token_id), batch_size).tolist()
+        collate = FeedbackCollator(pad_token_id)
+        logps = batched_completion_logps(model, features, collate, batch_size).tolist()
+        if features and "kl_completion_ids" in features[0]:
+            mismatched = [{**f, "completion_ids": f["kl_completion_ids"]} for f in features]
+            kl = batched_completion_logps(model, mismatched, collate, batch_size).tolist()
+            return list(zip(logps, kl))
+        return logps
     out: List[Any] = []
     collate = PairCollator(pad_token_id)
     for start in range(0, len(features), batch_size):
@@ -61,31 +105,43 @@ def compute_reference_logps(model: nn.Module, features: List[Dict[str, Any]], da
     return out
 
 
-def attach_precomputed(model: nn.Module, model_dir: str | Path, splits: Dict[str, List[Dict[str, Any]]],
-                       data_format: str, pad_token_id: int, max_length: int, cache_dir: str | Path
+def attach_precomputed(model: nn.Module, model_name_or_path: str | Path, splits: Dict[str, List[Dict[str, Any]]],
+                       data_format: str, pad_token_id: int, cache_dir: str | Path, placement: Any = None
                        ) -> Tuple[Path, bool]:
-    """Add ``reference_logps`` to every feature of every split, from the cache when it holds them.
+    """Add ``reference_logps`` (and ``reference_kl_logps`` for KTO's mismatched rows) to every feature of every
+    split, from the cache when it holds them.
 
-    Returns the cache file and whether it was a hit.
+    The cache key is the content of the reference checkpoint's files, the data's token ids, the data format, the
+    weights' dtype and device type the log-probs are computed in, the log-prob backend, and the code computing
+    them (:func:`code_fingerprint`); never file sizes or modification times. The file is written atomically under
+    a per-process temporary name, so concurrent jobs filling the same entry both succeed. Returns the cache file
+    and whether it was a hit.
     """
-    key = hashlib.sha256((model_fingerprint(model_dir) + data_format + str(max_length) + "".join(
-        name + dataset_fingerprint(rows) for name, rows in sorted(splits.items()))).encode()).hexdigest()[:24]
+    from rlmf.kernels import get_default_backend
+
+    parameter = next(model.parameters())
+    key_parts = [model_fingerprint(model_name_or_path), data_format, str(parameter.dtype), parameter.device.type,
+                 str(getattr(placement, "autocast_dtype", None)), get_default_backend(), code_fingerprint()]
+    key_parts += [name + dataset_fingerprint(rows) for name, rows in sorted(splits.items())]
+    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"{key}.pt"
     hit = path.exists()
     if hit:
         cached = torch.load(path)
         log.info("reference log-probs: cache hit %s", path)
     else:
-        cached = {name: compute_reference_logps(model, rows, data_format, pad_token_id, max_length)
+        cached = {name: compute_reference_logps(model, rows, data_format, pad_token_id)
                   for name, rows in splits.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(cached, tmp)
-        tmp.replace(path)
+        buffer = io.BytesIO()
+        torch.save(cached, buffer)
+        write_atomic(path, buffer.getvalue())
         log.info("reference log-probs: computed and cached in %s", path)
     for name, rows in splits.items():
         for feature, ref in zip(rows, cached[name]):
-            feature["reference_logps"] = ref
+            if "kl_completion_ids" in feature:
+                feature["reference_logps"], feature["reference_kl_logps"] = ref
+            else:
+                feature["reference_logps"] = ref
     return path, hit
 
 

@@ -65,8 +65,6 @@ def quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    # The frozen reference policy sits in eval mode inside the trained module on purpose.
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # One function object, so repeated jobs in a multirun process do not stack filters.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_lightning_tips)

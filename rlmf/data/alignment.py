@@ -4,10 +4,12 @@
 * ``paired_online`` (HyPO): the pairs plus their prompts left-padded as ``online_prompt_ids``/``online_prompt_mask``,
   from which the generator samples its own completions.
 * ``unpaired`` (KTO, APO-zero on thumbs): :class:`~rlmf.data.collate.FeedbackCollator` rows plus ``kl_*`` rows that
-  pair each prompt with the next row's completion (KTO's mismatched pairs for its reference point).
+  pair each prompt with another row's completion (KTO's mismatched pairs for its reference point): the feature's
+  own ``kl_completion_ids`` when :func:`with_mismatched_completions` fixed them, else the next row's in the batch.
 
-Features may carry precomputed ``reference_logps`` (a float, or a ``(chosen, rejected)`` pair); the batch then has
-a ``reference_logps`` tensor aligned with its rows and the generator uses it instead of a reference model.
+Features may carry precomputed ``reference_logps`` (a float, or a ``(chosen, rejected)`` pair) and, with fixed
+mismatched rows, ``reference_kl_logps``; the batch then has ``reference_logps`` / ``reference_kl_logps`` tensors
+aligned with its rows and the generator uses them instead of a reference model.
 """
 
 from __future__ import annotations
@@ -27,7 +29,25 @@ def _with_reference(batch: Dict[str, torch.Tensor], features: Sequence[Dict[str,
         refs = [f["reference_logps"] for f in features]
         values = [r[0] for r in refs] + [r[1] for r in refs] if paired else refs
         batch["reference_logps"] = torch.tensor(values, dtype=torch.float32)
+    if features and "reference_kl_logps" in features[0]:
+        batch["reference_kl_logps"] = torch.tensor([f["reference_kl_logps"] for f in features], dtype=torch.float32)
     return batch
+
+
+def with_mismatched_completions(features: List[Dict[str, Any]], max_length: int) -> List[Dict[str, Any]]:
+    """Fix KTO's mismatched completion of every feature once, so its reference log-prob can be precomputed.
+
+    Row ``i`` gets the completion of row ``(i + n // 2) mod n`` (cut to fit ``max_length`` after its prompt): half
+    the data set away, so not the other half of its own pair when thumbs come from unpaired preference pairs
+    (chosen and rejected of one prompt are neighbours). The same rows in every epoch, like TRL's KL data set.
+    """
+    n = len(features)
+    out = []
+    for i, feature in enumerate(features):
+        other = features[(i + n // 2) % n] if n > 1 else feature
+        room = max(1, max_length - len(feature["prompt_ids"]))
+        out.append({**feature, "kl_completion_ids": other["completion_ids"][:room]})
+    return out
 
 
 class PairedBatches:
@@ -51,8 +71,11 @@ class UnpairedBatches:
         n = len(features)
         mismatched = []
         for i, f in enumerate(features):
-            other = features[(i + 1) % n] if n > 1 else f
-            completion = other["completion_ids"][: max(1, self.max_length - len(f["prompt_ids"]))]
+            if "kl_completion_ids" in f:
+                completion = f["kl_completion_ids"]
+            else:
+                other = features[(i + 1) % n] if n > 1 else f
+                completion = other["completion_ids"][: max(1, self.max_length - len(f["prompt_ids"]))]
             mismatched.append({"prompt_ids": f["prompt_ids"], "completion_ids": completion, "desirable": False})
         for key, value in self.rows(mismatched).items():
             if key in ("input_ids", "attention_mask", "labels"):
@@ -82,9 +105,16 @@ class AlignmentDataModule(L.LightningDataModule):
         self.collate = collator_for(data_format, pad_token_id, max_length)
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
 
+    def _drop_last(self) -> bool:
+        return len(self.train_rows) > self.batch_size
+
+    def batches_per_epoch(self) -> int:
+        n, b = len(self.train_rows), self.batch_size
+        return n // b if self._drop_last() else -(-n // b)
+
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
-        drop_last = len(self.train_rows) > self.batch_size
+        drop_last = self._drop_last()
         return DataLoader(self.train_rows, batch_size=self.batch_size, shuffle=True, generator=generator,
                           collate_fn=self.collate, drop_last=drop_last, num_workers=self.num_workers)
 

@@ -74,6 +74,10 @@ class SFTDataModule(L.LightningDataModule):
         self.collate = FeedbackCollator(tokenizer.pad_token_id)
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
 
+    def batches_per_epoch(self) -> int:
+        """Training batches one process sees per epoch (before it runs, so on one process)."""
+        return -(-len(self.train_rows) // self.batch_size)
+
     def _loader(self, rows, shuffle: bool) -> DataLoader:
         trainer = self.trainer
         sampler = LengthBucketBatchSampler(

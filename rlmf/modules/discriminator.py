@@ -197,6 +197,10 @@ class Discriminator(lightning.LightningModule):
             return thumbs_loss(self(**batch["inputs"]), batch["desirable"]), len(batch["desirable"])
         raise KeyError(f"discriminator batch has keys {sorted(batch)}; expected chosen/rejected or inputs/desirable")
 
+    def on_fit_start(self) -> None:
+        # from_pretrained returns the encoder in eval mode and Lightning keeps submodules' modes: train with dropout.
+        self.model.train()
+
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
         expected = "chosen" if self.hparams.objective == "pairs" else "desirable"
         if expected not in batch:

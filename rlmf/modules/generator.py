@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lightning as L
 import torch
 from torch import nn
 
 from rlmf.data.collate import IGNORE_INDEX
+from rlmf.generation import sample_tokens
 from rlmf.logprobs import completion_logps
 from rlmf.losses import get_loss, loss_inputs
+from rlmf.placement import put
 
 
 def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -47,64 +49,67 @@ class Generator(L.LightningModule):
     def __init__(self, model: nn.Module, *, loss_name: str = "sft", loss_kwargs: Optional[Dict[str, Any]] = None,
                  lr: float = 1e-3, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
                  reference: Optional[nn.Module] = None, reference_mode: str = "frozen", online_samples: int = 4,
-                 max_new_tokens: int = 96, eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
-                 metric_prefix: str = "generator"):
+                 max_new_tokens: int = 96, temperature: float = 1.0, stop_token_ids: Optional[List[int]] = None,
+                 pad_token_id: Optional[int] = None, metric_prefix: str = "generator"):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "reference"])
         self.model = model
-        self.reference = reference
-        if self.reference is not None:
-            self.reference.requires_grad_(False).eval()
+        # The frozen reference is deliberately not a submodule: it is never trained, saved in checkpoints (it is
+        # rebuilt from the starting model), wrapped by DDP/FSDP, or switched to train mode by a parent's .train().
+        # on_fit_start places it beside the policy, through the same placement path as every other model.
+        self._reference = [reference.requires_grad_(False).eval()] if reference is not None else []
         self.loss_fn = get_loss(loss_name)
         self.loss_kwargs = dict(loss_kwargs or {})
         self._step_started = None
-        # The frozen reference is rebuilt from the starting checkpoint, never saved: checkpoints stay policy-sized.
-        self.strict_loading = self.reference is None
 
-    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("reference.")]:
-            del state[key]
+    @property
+    def reference(self) -> Optional[nn.Module]:
+        return self._reference[0] if self._reference else None
+
+    def on_fit_start(self) -> None:
+        # from_pretrained returns models in eval mode and Lightning keeps submodules' modes: without this the
+        # policy would train with dropout off and gradient checkpointing (train mode only) silently off.
+        self.model.train()
+        if self.reference is not None:
+            dtype = next(p for p in self.model.parameters()).dtype
+            put(self.reference, self.device, dtype if dtype.is_floating_point else None, train=False)
 
     # --- log-probs ----------------------------------------------------------------------------------------------
-    def policy_logps(self, batch: Dict[str, torch.Tensor], prefix: str = "") -> Tuple[torch.Tensor, torch.Tensor]:
+    def policy_logps(self, batch: Dict[str, torch.Tensor], prefix: str = "", temperature: float = 1.0
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
         return completion_logps(self.model, batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
-                                batch[prefix + "labels"])
+                                batch[prefix + "labels"], temperature=temperature)
 
     @torch.no_grad()
-    def reference_logps(self, batch: Dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
-        if not prefix and "reference_logps" in batch:
-            return batch["reference_logps"]
+    def reference_logps(self, batch: Dict[str, torch.Tensor], prefix: str = "", temperature: float = 1.0
+                        ) -> torch.Tensor:
+        """Reference log-probs of the rows ``prefix*``: precomputed in the batch (``reference_logps`` for the rows,
+        ``reference_kl_logps`` for KTO's ``kl_`` rows), the policy with its LoRA adapter off, or the frozen copy."""
+        cached = {"": "reference_logps", "kl_": "reference_kl_logps"}.get(prefix)
+        if cached in batch:
+            return batch[cached]
         args = (batch[prefix + "input_ids"], batch[prefix + "attention_mask"], batch[prefix + "labels"])
         if self.hparams.reference_mode == "lora":
             with self.model.disable_adapter():
-                return completion_logps(self.model, *args)[0]
+                return completion_logps(self.model, *args, temperature=temperature)[0]
         if self.reference is None:
-            raise RuntimeError(f"loss {self.hparams.loss_name!r} needs reference log-probs, but the batch has none "
-                               "and no reference model was given (algo.reference)")
-        return completion_logps(self.reference, *args)[0]
+            raise RuntimeError(f"loss {self.hparams.loss_name!r} needs reference log-probs for the {prefix or 'main'}"
+                               " rows, but the batch has none and no reference model was given (algo.reference)")
+        return completion_logps(self.reference, *args, temperature=temperature)[0]
 
     @torch.no_grad()
     def sample_online(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """``online_samples`` completions per left-padded prompt from the current policy, as labelled rows."""
+        """``online_samples`` completions per left-padded prompt from the current policy at ``temperature``
+        (nothing else applied, every stop token honoured), as labelled rows ``online_*`` ``[B * k, P + L]``."""
         k = self.hparams.online_samples
-        was_training = self.model.training
-        self.model.eval()
-        sequences = self.model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
-            max_new_tokens=self.hparams.max_new_tokens, num_return_sequences=k,
-            eos_token_id=self.hparams.eos_token_id, pad_token_id=self.hparams.pad_token_id)
-        self.model.train(was_training)
-        width = prompt_ids.shape[1]
-        generated = sequences[:, width:]
-        eos = self.hparams.eos_token_id
-        is_eos = generated == eos if eos is not None else torch.zeros_like(generated, dtype=torch.bool)
-        # Keep tokens up to and including the first eos.
-        keep = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
-        labels = torch.cat([torch.full_like(prompt_ids.repeat_interleave(k, 0), IGNORE_INDEX),
-                            generated.masked_fill(~keep, IGNORE_INDEX)], dim=1)
-        mask = torch.cat([prompt_mask.repeat_interleave(k, 0), keep.long()], dim=1)
-        return {"online_input_ids": sequences, "online_attention_mask": mask, "online_labels": labels}
+        tokens, keep = sample_tokens(
+            self.model, prompt_ids, prompt_mask, max_new_tokens=self.hparams.max_new_tokens, do_sample=True,
+            temperature=self.hparams.temperature, stop_ids=self.hparams.stop_token_ids or [],
+            pad_token_id=self.hparams.pad_token_id, num_return_sequences=k)
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
+        labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), tokens.masked_fill(~keep, IGNORE_INDEX)], 1)
+        return {"online_input_ids": torch.cat([prompt_ids, tokens], 1),
+                "online_attention_mask": torch.cat([prompt_mask, keep.long()], 1), "online_labels": labels}
 
     # --- training -----------------------------------------------------------------------------------------------
     def _loss_inputs(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -128,10 +133,11 @@ class Generator(L.LightningModule):
         if reference is not None:
             inputs.update(reference_chosen_logps=reference[:b], reference_rejected_logps=reference[b:])
         if fmt == "paired_online":
+            # Scored at the temperature they were sampled at, so the KL estimate is of the distribution sampled.
             online = self.sample_online(batch["online_prompt_ids"], batch["online_prompt_mask"])
-            k = self.hparams.online_samples
-            inputs["policy_online_logps"] = self.policy_logps(online, "online_")[0].view(b, k)
-            inputs["reference_online_logps"] = self.reference_logps(online, "online_").view(b, k)
+            k, t = self.hparams.online_samples, self.hparams.temperature
+            inputs["policy_online_logps"] = self.policy_logps(online, "online_", t)[0].view(b, k)
+            inputs["reference_online_logps"] = self.reference_logps(online, "online_", t).view(b, k)
         return inputs
 
     def _shared_step(self, batch: Dict[str, torch.Tensor], split: str) -> torch.Tensor:
@@ -140,19 +146,23 @@ class Generator(L.LightningModule):
         result = self.loss_fn(**{k: v for k, v in inputs.items() if k in wanted and v is not None},
                               **self.loss_kwargs)
         batch_size = batch["input_ids"].shape[0]
-        on_step = split == "train"
-        prefix = f"{self.hparams.metric_prefix}/{split}"
-        self.log(f"{prefix}/loss", result.loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step,
-                 batch_size=batch_size)
-        for name, value in result.metrics.items():
-            self.log(f"{prefix}/{name}", value, on_step=on_step, on_epoch=not on_step, batch_size=batch_size)
-        logps = {k: v for k, v in inputs.items() if k.startswith("policy_") and k.endswith("_logps")}
-        for name, value in logps.items():
-            lengths = inputs.get(name.replace("policy_", "").replace("_logps", "_lengths"), inputs.get("lengths"))
-            mean = value.detach().sum() / lengths.sum() if lengths is not None and value.dim() == 1 else value.mean()
-            self.log(f"{prefix}/logps/{name[len('policy_'):-len('_logps')] or 'all'}", mean.detach(),
-                     on_step=on_step, on_epoch=not on_step, batch_size=batch_size)
+        metrics = {"loss": result.loss.detach(), **result.metrics}
+        # Per-token means beside the losses' own (TRL-named) sums: logps_per_token/chosen, .../rejected, ...
+        for name, value in inputs.items():
+            if name.startswith("policy_") and name.endswith("_logps") and value.dim() == 1:
+                part = name[len("policy_"):-len("_logps")]
+                lengths = inputs.get(f"{part}_lengths") if part else inputs.get("lengths")
+                if lengths is not None:
+                    metrics[f"logps_per_token/{part or 'all'}"] = value.detach().sum() / lengths.sum().clamp(min=1)
+        self.log_metrics(metrics, split, batch_size)
         return result.loss
+
+    def log_metrics(self, metrics: Dict[str, torch.Tensor], split: str, batch_size: int) -> None:
+        """``<metric_prefix>/<split>/<name>`` for each metric, once: per step in training, per epoch otherwise."""
+        on_step = split == "train"
+        for name, value in metrics.items():
+            self.log(f"{self.hparams.metric_prefix}/{split}/{name}", value, prog_bar=name == "loss",
+                     on_step=on_step, on_epoch=not on_step, batch_size=batch_size)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._step_started = time.perf_counter()
@@ -175,7 +185,8 @@ class Generator(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(1, self.trainer.max_steps)
+        # Optimiser steps of the whole fit, whether it is bounded by max_steps or by max_epochs (and accumulation).
+        total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = cosine_with_warmup(int(self.hparams.warmup_ratio * total), total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -57,7 +57,7 @@ def test_one_training_step_for_every_algorithm(setup, name, tmp_path):
         features, _ = tokenize_pairs(pairs, tokenizer, 192, 96)
     policy, reference = prepare_reference("frozen" if fn.requires_reference else "none", tiny_model(tokenizer))
     module = Generator(policy, loss_name=name, reference=reference, online_samples=2, max_new_tokens=8,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, lr=1e-3)
+                       stop_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, lr=1e-3)
     data = AlignmentDataModule(features, features[:2], fn.data_format, tokenizer.pad_token_id, 192, batch_size=4)
     check = GradientCheck()
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -75,13 +75,13 @@ def test_frozen_reference_matches_the_starting_policy_after_training(setup):
     _, tokenizer, pairs, _ = setup
     features, _ = tokenize_pairs(pairs, tokenizer, 192, 96)
     model = tiny_model(tokenizer)
-    before = compute_reference_logps(model, features, "paired", tokenizer.pad_token_id, 192)
+    before = compute_reference_logps(model, features, "paired", tokenizer.pad_token_id)
     policy, reference = prepare_reference("frozen", model)
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.01)
-    assert compute_reference_logps(reference, features, "paired", tokenizer.pad_token_id, 192) == before
-    assert compute_reference_logps(policy, features, "paired", tokenizer.pad_token_id, 192) != before
+    assert compute_reference_logps(reference, features, "paired", tokenizer.pad_token_id) == before
+    assert compute_reference_logps(policy, features, "paired", tokenizer.pad_token_id) != before
 
 
 def test_precomputed_reference_is_cached_and_identical(setup, tmp_path):
@@ -89,20 +89,20 @@ def test_precomputed_reference_is_cached_and_identical(setup, tmp_path):
     model = tiny_model(tokenizer)
     model.save_pretrained(tmp_path / "model")
     first = {"train": tokenize_pairs(pairs, tokenizer, 192, 96)[0]}
-    path, hit = attach_precomputed(model, tmp_path / "model", first, "paired", tokenizer.pad_token_id, 192,
+    path, hit = attach_precomputed(model, tmp_path / "model", first, "paired", tokenizer.pad_token_id,
                                    tmp_path / "cache")
     assert not hit and path.exists()
     second = {"train": tokenize_pairs(pairs, tokenizer, 192, 96)[0]}
     other_model = tiny_model(tokenizer, seed=1)  # a cache hit must not call the model at all
     path2, hit2 = attach_precomputed(other_model, tmp_path / "model", second, "paired", tokenizer.pad_token_id,
-                                     192, tmp_path / "cache")
+                                     tmp_path / "cache")
     assert hit2 and path2 == path
     assert [f["reference_logps"] for f in second["train"]] == [f["reference_logps"] for f in first["train"]]
-    direct = compute_reference_logps(model, second["train"], "paired", tokenizer.pad_token_id, 192)
+    direct = compute_reference_logps(model, second["train"], "paired", tokenizer.pad_token_id)
     assert [f["reference_logps"] for f in second["train"]] == direct
     # Another dataset is another cache entry.
     third = {"train": tokenize_pairs(pairs[:3], tokenizer, 192, 96)[0]}
-    _, hit3 = attach_precomputed(model, tmp_path / "model", third, "paired", tokenizer.pad_token_id, 192,
+    _, hit3 = attach_precomputed(model, tmp_path / "model", third, "paired", tokenizer.pad_token_id,
                                  tmp_path / "cache")
     assert not hit3
 
@@ -111,7 +111,7 @@ def test_lora_reference_equals_the_base_model(setup, tmp_path):
     _, tokenizer, pairs, _ = setup
     features, _ = tokenize_pairs(pairs, tokenizer, 192, 96)
     base = tiny_model(tokenizer)
-    expected = compute_reference_logps(base, features, "paired", tokenizer.pad_token_id, 192)
+    expected = compute_reference_logps(base, features, "paired", tokenizer.pad_token_id)
     policy, reference = prepare_reference("lora", frozen_copy(base).requires_grad_(True), lora_rank=4)
     assert reference is None
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
