@@ -39,7 +39,7 @@ def policy_generation_config(*, do_sample: bool, temperature: float, max_new_tok
         do_sample=False)
     return GenerationConfig(
         **sampling, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences, num_beams=1,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0, min_new_tokens=0, typical_p=1.0, min_p=0.0,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, typical_p=1.0, min_p=0.0,
         epsilon_cutoff=0.0, eta_cutoff=0.0, encoder_repetition_penalty=1.0, renormalize_logits=False,
         eos_token_id=list(stop_ids), pad_token_id=pad_token_id, bos_token_id=None, forced_bos_token_id=None,
         forced_eos_token_id=None, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
@@ -74,11 +74,14 @@ def sample_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool,
+def generate(model: nn.Module, tokenizer, prompts: Sequence[Union[str, PromptOnly]], *, max_new_tokens: int, do_sample: bool,
              temperature: float = 1.0, batch_size: int = 32, seed: int = 0, max_prompt_length: int = 512,
              num_return_sequences: int = 1, return_token_ids: bool = False, progress: Optional[str] = None
              ) -> Union[List[str], Tuple[List[str], List[Tuple[List[int], List[int]]]]]:
     """Completions for ``prompts`` (``num_return_sequences`` per prompt, grouped by prompt).
+
+    A prompt is text, or a :class:`~rlmf.data.formats.PromptOnly` whose chat messages render through the
+    tokenizer's chat template when it has one.
 
     Prompts are left-padded (the prompt's end is kept when it is too long) and sent to the model's device;
     sampling is from ``softmax(logits / temperature)`` with nothing else applied (:func:`sample_tokens`);
@@ -99,8 +102,8 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
 
         starts = track(starts, description=progress, transient=True)
     for start in starts:
-        features = tokenize_prompts([PromptOnly(p) for p in prompts[start: start + batch_size]], tokenizer,
-                                    max_prompt_length)
+        rows = [p if isinstance(p, PromptOnly) else PromptOnly(p) for p in prompts[start: start + batch_size]]
+        features = tokenize_prompts(rows, tokenizer, max_prompt_length)
         batch = collate(features)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         tokens, keep = sample_tokens(

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from rlmf.data.collate import IGNORE_INDEX
@@ -57,7 +58,7 @@ class LogitTransform:
 
     @property
     def folds_into_temperature(self) -> bool:
-        """True when the transform is a positive scaling: ``log_softmax(scale * z / T) == log_softmax(z / (T/scale))``."""
+        """A positive scaling only: ``log_softmax(scale * z / T) == log_softmax(z / (T / scale))``."""
         return self.softcap is None and self.scale > 0
 
     def apply(self, z: torch.Tensor) -> torch.Tensor:
@@ -139,9 +140,10 @@ def logit_transform(model: nn.Module) -> LogitTransform:
             value = getattr(config, name, neutral)
             if name in handled or value is None or value == neutral:
                 continue
+            knowers = [cls for cls, (names, _) in KNOWN_LOGIT_TRANSFORMS.items() if name in names] or ["none"]
             raise ValueError(
                 f"{_describe(model)} sets config.{name}={value!r}, which transforms the logits in the forward of "
-                f"some architectures; rlmf.logprobs reproduces it only for {', '.join(KNOWN_LOGIT_TRANSFORMS)}. "
+                f"some architectures; rlmf.logprobs reproduces it only for {', '.join(knowers)}. "
                 "Refusing rather than computing wrong log-probs: read this architecture's forward and add it to "
                 "rlmf.logprobs.KNOWN_LOGIT_TRANSFORMS."
             )
@@ -179,9 +181,36 @@ def head_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
         return logprobs_from_hidden(hidden, head.weight, targets, bias=head.bias,
                                     temperature=temperature / transform.scale)
     # Non-linear transforms (soft-cap), non-positive scales and heads that are not a plain Linear (a LoRA layer on
-    # lm_head, a quantised layer): materialise the logits of the selected rows only and score them.
-    logits = transform.apply(head(hidden))
-    return logprobs_from_logits(logits, targets, temperature=temperature)
+    # lm_head, a quantised layer): materialise the logits of the selected rows, a chunk at a time, and score them.
+    return _materialised_logprobs(head, transform, hidden, targets, temperature,
+                                  vocab_size=base_model_of(model).get_input_embeddings().num_embeddings)
+
+
+# Logits held at once on the materialised path, in elements (2**24: 64 MiB of float32, 256 rows of a 65k vocabulary).
+MATERIALISED_CHUNK_ELEMENTS = 2 ** 24
+
+
+def _materialised_logprobs(head: nn.Module, transform: LogitTransform, hidden: torch.Tensor, targets: torch.Tensor,
+                           temperature: float, vocab_size: int) -> torch.Tensor:
+    """``logprobs_from_logits(transform(head(hidden)), targets)`` over ``[N, H]`` rows, at most
+    :data:`MATERIALISED_CHUNK_ELEMENTS` logits at a time: ``[N]``.
+
+    Under autograd each chunk is checkpointed (recomputed in backward), so training holds one chunk of logits and
+    its tanh rather than ``N x V`` of each; the recomputation is the price.
+    """
+    def score(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return logprobs_from_logits(transform.apply(head(h)), t, temperature=temperature)
+
+    rows = max(1, MATERIALISED_CHUNK_ELEMENTS // max(1, vocab_size))
+    if hidden.shape[0] <= rows:
+        return score(hidden, targets)
+    out = []
+    for h, t in zip(hidden.split(rows), targets.split(rows)):
+        if torch.is_grad_enabled():
+            out.append(torch.utils.checkpoint.checkpoint(score, h, t, use_reentrant=False))
+        else:
+            out.append(score(h, t))
+    return torch.cat(out)
 
 
 def completion_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -241,10 +270,24 @@ def batched_completion_logps(model: nn.Module, features, collate: Callable, batc
 
 # --- refusing rather than being silently wrong ---------------------------------------------------------------------
 
-# Largest tolerated |our log-prob - forward's log-prob| on the probe, by the dtype of the LM head. 16-bit: the fused
-# kernels keep float32 logits where forward rounds them to the model dtype (up to ~0.06 at |logit| ~ 16 in bfloat16);
-# a missed soft-cap or scaling on a real model is off by whole nats.
-PROBE_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 0.05, torch.bfloat16: 0.25}
+def probe_tolerance(dtype: torch.dtype, logits_absmax: float) -> float:
+    """Largest tolerated ``|our log-prob - forward's|`` for a model computing in ``dtype`` whose logits reach
+    ``logits_absmax``.
+
+    Both paths share the decoder; they differ in the head. Forward rounds each logit to ``dtype`` (the fused kernels
+    keep float32), an error of at most ``eps/2 * |logit|`` per logit and so ``eps * max|logit|`` per log-prob; float32
+    matmuls may run in TF32 or bfloat16 (``torch.set_float32_matmul_precision``). Four times that, plus 1e-4: about
+    1e-4 in float32, ~1 nat for bfloat16 logits of 30. A missed soft-cap or logit scale on a real model is off by
+    whole nats; 16-bit models get a check for gross errors only.
+    """
+    eps = torch.finfo(dtype).eps
+    if dtype == torch.float32:
+        precision = torch.get_float32_matmul_precision()
+        if precision == "medium":
+            eps = 2.0 ** -7  # bfloat16 products
+        elif precision == "high" or torch.backends.cuda.matmul.allow_tf32:
+            eps = 2.0 ** -10  # TF32 (the Triton kernel follows allow_tf32 too)
+    return 1e-4 + 4 * eps * logits_absmax
 
 
 def probe_batch(vocab_size: int, length: int = 8, device=None, seed: int = 0
@@ -276,7 +319,7 @@ def check_logprobs_match_forward(model: nn.Module, temperature: float = 1.0, ato
     Args:
         model: the causal LM.
         temperature: temperature of the comparison.
-        atol: largest tolerated per-token difference; default by the head's dtype (:data:`PROBE_TOLERANCE`).
+        atol: largest tolerated per-token difference; default :func:`probe_tolerance` for the head's dtype.
         length: probe length in tokens.
 
     Returns:
@@ -290,7 +333,6 @@ def check_logprobs_match_forward(model: nn.Module, temperature: float = 1.0, ato
     base = base_model_of(model)
     head = base.get_output_embeddings()
     dtype = head.weight.dtype if getattr(head, "weight", None) is not None else next(model.parameters()).dtype
-    atol = PROBE_TOLERANCE.get(dtype, 1e-3) if atol is None else atol
     vocab_size = base.get_input_embeddings().num_embeddings
     if getattr(head, "weight", None) is not None:
         vocab_size = min(vocab_size, head.weight.shape[0])  # probe tokens must be both inputs and targets
@@ -310,6 +352,8 @@ def check_logprobs_match_forward(model: nn.Module, temperature: float = 1.0, ato
     theirs = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets.clamp(min=0)[..., None])
     diff = (ours.float() - theirs[..., 0]).abs()[mask]
     worst = float(diff.max()) if diff.numel() else 0.0
+    if atol is None:
+        atol = probe_tolerance(dtype, float(logits[mask].abs().max()))
     if not worst <= atol:  # also catches NaN
         raise ValueError(
             f"{_describe(model)}: rlmf.logprobs disagrees with log_softmax(model(...).logits) by up to {worst:.3g} "

@@ -100,10 +100,14 @@ class Run:
             self._file_pairs[split] = rows
         return self._file_pairs[split]
 
-    def eval_prompts(self) -> List[str]:
+    def eval_prompts(self) -> List[Any]:
+        """Held-out prompts (``PromptOnly``: text, and messages for chat rows, which render through the chat
+        template when the tokenizer has one)."""
+        from rlmf.data import PromptOnly
+
         if self.uses_files:
-            return [p.prompt for p in self.file_pairs("eval")[: self.cfg.task.eval_prompts]]
-        return [b.prompt for b in self.world.heldout[: self.cfg.task.eval_prompts]]
+            return [PromptOnly(p.prompt, p.prompt_messages) for p in self.file_pairs("eval")[: self.cfg.task.eval_prompts]]
+        return [PromptOnly(b.prompt) for b in self.world.heldout[: self.cfg.task.eval_prompts]]
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
@@ -264,8 +268,11 @@ def stage_sft(run: Run) -> Dict[str, Any]:
     model, tokenizer = initial_generator(run)
     save_generator(model, tokenizer, out / "initial")
     g, opt = run.cfg.generator, run.cfg.generator.sft
-    if run.uses_files:  # SFT on the preferred completions
-        train, validation = ([(p.prompt, p.chosen) for p in run.file_pairs(split)] for split in ("train", "eval"))
+    if run.uses_files:  # SFT on the preferred completions (with their messages, for a chat template)
+        from rlmf.data import pairs_to_feedback
+
+        train, validation = ([f for f in pairs_to_feedback(run.file_pairs(split)) if f.desirable]
+                             for split in ("train", "eval"))
     else:
         train, validation = run.world.demonstrations["train"], run.world.demonstrations["validation"]
     data = SFTDataModule(train, validation, tokenizer,
@@ -291,7 +298,7 @@ def gold_reply_rates(run: Run, prompts: List[str], completions: List[str]) -> Li
     return [sim.reply_probability(world.brief_for(p).prospect, c) for p, c in zip(prompts, completions)]
 
 
-def sample(run: Run, model, tokenizer, prompts: List[str], k: int, seed: int, what: str = "sampling", **kwargs):
+def sample(run: Run, model, tokenizer, prompts: List[Any], k: int, seed: int, what: str = "sampling", **kwargs):
     g = run.cfg.generator
     progress = f"{what}: {len(prompts)} prompts x {k}" if run.cfg.trainer.progress_bar else None
     with run.placement.inference():
@@ -510,7 +517,7 @@ def stage_align(run: Run) -> Dict[str, Any]:
     return metrics
 
 
-def evaluate_generator(run: Run, name: str, path: str | Path, prompts: List[str], discriminator, reference
+def evaluate_generator(run: Run, name: str, path: str | Path, prompts: List[Any], discriminator, reference
                        ) -> Tuple[Dict[str, float], List[str]]:
     """One generator's metrics on ``prompts`` and one sampled completion per prompt.
 
@@ -522,7 +529,8 @@ def evaluate_generator(run: Run, name: str, path: str | Path, prompts: List[str]
 
     t, g = run.cfg.task, run.cfg.generator
     k = t.get("eval_samples_per_prompt", 1)
-    sampled_prompts = [p for p in prompts for _ in range(k)]
+    texts = [p.prompt for p in prompts]
+    sampled_prompts = [p for p in texts for _ in range(k)]
     model, tokenizer = run.load_generator(path)
     sampled, ids = sample(run, model, tokenizer, prompts, k, seed=run.cfg.seed + 5, return_token_ids=True,
                           what=f"evaluating {name}")
@@ -533,7 +541,7 @@ def evaluate_generator(run: Run, name: str, path: str | Path, prompts: List[str]
                               max_prompt_length=g.max_prompt_length)
         rates = gold_reply_rates(run, sampled_prompts, sampled)
         metrics[f"gold/reply_rate/{name}"] = sum(rates) / len(rates)
-        greedy_rates = gold_reply_rates(run, prompts, greedy)
+        greedy_rates = gold_reply_rates(run, texts, greedy)
         metrics[f"gold/reply_rate_greedy/{name}"] = sum(greedy_rates) / len(greedy_rates)
     if discriminator is not None:
         metrics[f"discriminator/reward/{name}"] = float(score(run, discriminator, sampled_prompts, sampled).mean())
@@ -567,7 +575,7 @@ def stage_evaluate(run: Run) -> Dict[str, Any]:
     start = checkpoints.get("sft", checkpoints.get("initial"))
     reference = run.load_generator(start)[0] if start is not None else None
     g, t = run.cfg.generator, run.cfg.task
-    settings = json.dumps([prompts, t.get("eval_samples_per_prompt", 1), g.max_new_tokens, g.temperature,
+    settings = json.dumps([[p.to_row() for p in prompts], t.get("eval_samples_per_prompt", 1), g.max_new_tokens, g.temperature,
                            g.max_prompt_length, run.cfg.seed, run.uses_files,
                            str(discriminator_dir and discriminator_dir.resolve()),
                            start is not None and model_fingerprint(start), str(run.placement)])
@@ -585,9 +593,10 @@ def stage_evaluate(run: Run) -> Dict[str, Any]:
             write_atomic(cache, json.dumps([result, samples[name]]))
         metrics.update(result)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "samples.json", json.dumps({"prompts": prompts, "samples": samples}, indent=2))
+    texts = [p.prompt for p in prompts]
+    write_atomic(out / "samples.json", json.dumps({"prompts": texts, "samples": samples}, indent=2))
     run.log_table("evaluate/samples", ["prompt"] + list(samples),
-                  [[p] + [samples[n][i] for n in samples] for i, p in enumerate(prompts)])
+                  [[p] + [samples[n][i] for n in samples] for i, p in enumerate(texts)])
     mark_done(out, metrics)
     return metrics
 

@@ -20,6 +20,9 @@ def _no_cuda() -> bool:
 if _no_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# tests/gpu (`make test-gpu`) needs CUDA: without it the folder is not even collected, so `make test` stays CPU-only.
+collect_ignore = ["gpu"] if _no_cuda() else []
+
 import pytest  # noqa: E402
 
 
@@ -42,3 +45,19 @@ def compose():
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """``tiny_checkpoint(arch)`` -> directory of a tiny random ``arch`` checkpoint (model and tokenizer), built once
+    per session; the architectures are listed in tests/checkpoints.py."""
+    from checkpoints import save_tiny_checkpoint
+
+    built = {}
+
+    def _tiny_checkpoint(arch):
+        if arch not in built:
+            built[arch] = save_tiny_checkpoint(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return built[arch]
+
+    return _tiny_checkpoint

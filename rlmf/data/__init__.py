@@ -8,12 +8,15 @@ from rlmf.data.collate import (
     tokenize_feedback,
     tokenize_pairs,
     tokenize_prompts,
+    uses_chat_template,
 )
 from rlmf.data.formats import (
     DataError,
     FeedbackExample,
+    Message,
     PreferencePair,
     PromptOnly,
+    messages_to_dicts,
     pairs_to_feedback,
     parse_feedback_row,
     parse_pair_row,

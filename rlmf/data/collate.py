@@ -1,7 +1,30 @@
 """Tokenisation, truncation and collation of examples into generator batches.
 
-Token layout of one sequence: ``[bos] prompt_tokens completion_tokens eos`` (``bos`` only if the tokenizer has one;
+Token layout of one sequence: ``[bos] prompt_tokens completion_tokens [eos]`` (``bos`` only if the tokenizer has one;
 prompt and completion are tokenised separately, without the tokenizer's own special tokens).
+
+Which text is tokenised:
+
+- a row without messages, or any row when the tokenizer has no ``chat_template``: its strings (HH text for chat rows,
+  see :mod:`rlmf.data.formats`), and the completion always gets the ``eos`` appended;
+- a chat row (``prompt_messages`` set) when the tokenizer has a ``chat_template``: the prompt is
+  ``apply_chat_template(prompt_messages, add_generation_prompt=True)`` and the completion is the render of the whole
+  conversation (prompt messages + reply messages, no generation prompt) minus that prompt render; if the whole render
+  does not start with the prompt render, :class:`~rlmf.data.formats.DataError` names the row and shows both.
+  *bos*: a rendered prompt that starts with the tokenizer's bos text has that text removed before tokenising, and
+  the bos id is put first as for every prompt, so there is exactly one bos. *eos*: the rendered completion keeps the
+  template's own end of turn, and the eos id is appended only when the completion, ignoring trailing whitespace,
+  does not already end with the eos text (ChatML-style templates whose end of turn is the eos, e.g.
+  ``"...<|im_end|>\\n"`` with eos ``<|im_end|>``, get none; a template ending turns with another token gets the eos
+  after it). :func:`tokenize_prompts` renders prompt messages the same way (with the generation prompt).
+
+Boundary check: a prompt and completion tokenised separately need not give the tokens of the joined text (BPE merges
+across the boundary when the prompt ends mid-word or with a space). Every row given to :func:`tokenize_pairs` /
+:func:`tokenize_feedback` (before truncation and drops) is checked: ``tokens(prompt) + tokens(completion)`` against
+``tokens(prompt + completion)``, special tokens not added. Mismatching rows are counted in
+:attr:`DropCounts.boundary_mismatch` (a count of rows, not a drop) and one warning per call names up to
+:data:`BOUNDARY_EXAMPLES` rows with the differing tokens, decoded, around the boundary. The ids are kept as tokenised
+separately: that is what training sees and what generation starts from.
 
 Truncation, on token ids:
 
@@ -25,27 +48,33 @@ Collated batches (labels are NOT shifted; the model code shifts them; ``-100`` m
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from rlmf.data.formats import FeedbackExample, PreferencePair, PromptOnly
+from rlmf.data.formats import DataError, FeedbackExample, Messages, PreferencePair, PromptOnly, messages_to_dicts
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+BOUNDARY_EXAMPLES = 3  # rows named in the boundary-mismatch warning
 
 
 @dataclass
 class DropCounts:
     """How tokenisation changed the data: ``kept`` examples; drops by reason (``empty_completion``,
     ``identical``); ``prompt_truncated`` prompts and ``completion_truncated`` completions (a pair has two) that
-    lost tokens."""
+    lost tokens; ``boundary_mismatch`` rows (of all given, kept or not) whose prompt and completion tokenised
+    separately differ from their joined text tokenised at once (reported, not dropped)."""
 
     kept: int = 0
     empty_completion: int = 0
     identical: int = 0
     prompt_truncated: int = 0
     completion_truncated: int = 0
+    boundary_mismatch: int = 0
 
     @property
     def dropped(self) -> int:
@@ -59,7 +88,8 @@ class DropCounts:
     def __str__(self) -> str:
         return (f"kept {self.kept}, dropped {self.dropped} (empty completion {self.empty_completion}, "
                 f"chosen == rejected {self.identical}); truncated prompts {self.prompt_truncated}, "
-                f"truncated completions {self.completion_truncated}")
+                f"truncated completions {self.completion_truncated}; prompt/completion boundary differs from "
+                f"joint tokenisation in {self.boundary_mismatch} rows")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -81,11 +111,93 @@ def _encode(tokenizer, texts: Sequence[str]) -> List[List[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
-def _prompt_ids(tokenizer, prompts: Sequence[str], max_prompt_length: Optional[int]) -> Tuple[List[List[int]], int]:
+# Rendering: which text each row tokenises (module docstring)
+
+
+def uses_chat_template(tokenizer) -> bool:
+    """Whether chat rows are rendered through ``tokenizer``'s chat template (it has a non-empty one)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _apply_template(tokenizer, messages: Messages, add_generation_prompt: bool, index: int) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(messages_to_dicts(messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise DataError(f"row {index}: the tokenizer's chat template fails on the row's messages: "
+                        f"{type(e).__name__}: {e}") from e
+    if not isinstance(text, str):
+        raise DataError(f"row {index}: the tokenizer's chat template rendered {type(text).__name__}, not text")
+    return text
+
+
+def _without_bos_text(tokenizer, text: str) -> str:
+    """``text`` less a leading bos token text: the bos id is put first by :func:`_prompt_ids` anyway."""
+    bos = tokenizer.bos_token if tokenizer.bos_token_id is not None else None
+    return text[len(bos):] if bos and text.startswith(bos) else text
+
+
+def _chat_texts(tokenizer, prompt_messages: Messages, replies: Sequence[Messages], index: int
+                ) -> Tuple[str, List[str]]:
+    """The template's prompt render (generation prompt added, bos text removed) and, per reply, the render of the
+    whole conversation minus that prompt render."""
+    prompt = _apply_template(tokenizer, prompt_messages, True, index)
+    completions = []
+    for reply in replies:
+        full = _apply_template(tokenizer, tuple(prompt_messages) + tuple(reply), False, index)
+        if not full.startswith(prompt):
+            raise DataError(f"row {index}: the chat template's render of the whole conversation does not start "
+                            "with its render of the prompt (with the generation prompt), so the completion cannot "
+                            f"be split off; prompt render: {prompt!r}; conversation render: {full!r}")
+        completions.append(full[len(prompt):])
+    return _without_bos_text(tokenizer, prompt), completions
+
+
+def _ends_with_eos(tokenizer, text: str) -> bool:
+    eos = tokenizer.eos_token
+    return bool(eos) and text.rstrip().endswith(eos)
+
+
+def _texts(rows: Sequence[Any], tokenizer, fields: Sequence[str]
+           ) -> Tuple[List[str], Dict[str, List[str]], Dict[str, List[bool]]]:
+    """Per row: the prompt text, each completion field's text and whether it gets an eos appended."""
+    template = uses_chat_template(tokenizer)
+    prompts: List[str] = []
+    completions: Dict[str, List[str]] = {name: [] for name in fields}
+    add_eos: Dict[str, List[bool]] = {name: [] for name in fields}
+    for index, row in enumerate(rows):
+        if template and row.prompt_messages is not None:
+            prompt, texts = _chat_texts(tokenizer, row.prompt_messages,
+                                        [getattr(row, f"{name}_messages") for name in fields], index)
+            ends = [not _ends_with_eos(tokenizer, text) for text in texts]
+        else:
+            prompt, texts, ends = row.prompt, [getattr(row, name) for name in fields], [True] * len(fields)
+        prompts.append(prompt)
+        for name, text, end in zip(fields, texts, ends):
+            completions[name].append(text)
+            add_eos[name].append(end)
+    return prompts, completions, add_eos
+
+
+def _prompt_texts(prompts: Sequence[PromptOnly], tokenizer) -> List[str]:
+    if not uses_chat_template(tokenizer):
+        return [p.prompt for p in prompts]
+    return [p.prompt if p.prompt_messages is None
+            else _without_bos_text(tokenizer, _apply_template(tokenizer, p.prompt_messages, True, index))
+            for index, p in enumerate(prompts)]
+
+
+# Token ids
+
+
+def _prompt_ids(tokenizer, prompt_tokens: Sequence[List[int]], max_prompt_length: Optional[int]
+                ) -> Tuple[List[List[int]], int]:
     """``[bos] + prompt`` per prompt, keeping the end; and how many were truncated."""
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     out, truncated = [], 0
-    for ids in _encode(tokenizer, prompts):
+    for ids in prompt_tokens:
         if max_prompt_length is not None and len(bos) + len(ids) > max_prompt_length:
             keep = max(max_prompt_length - len(bos), 0)
             ids = ids[len(ids) - keep:] if keep else []
@@ -94,11 +206,80 @@ def _prompt_ids(tokenizer, prompts: Sequence[str], max_prompt_length: Optional[i
     return out, truncated
 
 
-def _completion_ids(tokenizer, completions: Sequence[str]) -> List[List[int]]:
+def _check_eos(tokenizer) -> int:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos token; completions end with eos, so set tokenizer.eos_token")
-    return [ids + [eos] for ids in _encode(tokenizer, completions)]
+    return eos
+
+
+def _completion_ids(tokenizer, completion_tokens: Sequence[List[int]], add_eos: Sequence[bool]) -> List[List[int]]:
+    eos = _check_eos(tokenizer)
+    return [ids + [eos] if end else list(ids) for ids, end in zip(completion_tokens, add_eos)]
+
+
+# Boundary check
+
+
+def _token_texts(tokenizer, ids: Sequence[int]) -> str:
+    return " ".join(repr(tokenizer.decode([i])) for i in ids)
+
+
+def _boundary_diff(tokenizer, separate: List[int], joint: List[int], boundary: int, context: int = 2,
+                   most: int = 8) -> str:
+    """The tokens where ``separate`` (prompt + completion, the prompt's ``boundary`` tokens first) and ``joint``
+    differ, with ``context`` equal tokens either side, decoded one by one; ``|`` marks the boundary."""
+    first = 0
+    while first < min(len(separate), len(joint)) and separate[first] == joint[first]:
+        first += 1
+    same_end = 0
+    while (same_end < min(len(separate), len(joint)) - first
+           and separate[len(separate) - 1 - same_end] == joint[len(joint) - 1 - same_end]):
+        same_end += 1
+    start = max(0, min(first, boundary) - context)
+
+    def window(ids: List[int], stop: int, mark: Optional[int]) -> str:
+        stop = min(len(ids), stop + context)
+        cut = stop > start + most
+        stop = min(stop, start + most)
+        if mark is None or not start <= mark <= stop:
+            text = _token_texts(tokenizer, ids[start:stop])
+        else:
+            text = " ".join(t for t in (_token_texts(tokenizer, ids[start:mark]), "|",
+                                        _token_texts(tokenizer, ids[mark:stop])) if t)
+        return ("... " if start else "") + text + (" ..." if cut or stop < len(ids) else "")
+
+    separately = window(separate, max(len(separate) - same_end, boundary), boundary)
+    jointly = window(joint, len(joint) - same_end, None)
+    return f"separately [{separately}], as one text [{jointly}]"
+
+
+def _check_boundaries(tokenizer, prompt_texts: Sequence[str], prompt_tokens: Sequence[List[int]],
+                      completions: Dict[str, Tuple[Sequence[str], Sequence[List[int]]]], caller: str) -> int:
+    """Count the rows whose prompt + completion tokens (for any completion field) differ from the joined text's
+    tokens, and warn once naming the first :data:`BOUNDARY_EXAMPLES` of them."""
+    mismatched: Dict[str, Dict[int, Tuple[List[int], List[int], int]]] = {}
+    for name, (texts, tokens) in completions.items():
+        joints = _encode(tokenizer, [p + c for p, c in zip(prompt_texts, texts)])
+        for index, (prompt_ids, completion_ids, joint) in enumerate(zip(prompt_tokens, tokens, joints)):
+            separate = list(prompt_ids) + list(completion_ids)
+            if separate != joint:
+                mismatched.setdefault(name, {})[index] = (separate, joint, len(prompt_ids))
+    rows = sorted(set().union(*(m.keys() for m in mismatched.values())))
+    if rows:
+        shown = []
+        for index in rows[:BOUNDARY_EXAMPLES]:
+            details = [f"{name} " + _boundary_diff(tokenizer, *by_row[index])
+                       for name, by_row in mismatched.items() if index in by_row]
+            shown.append(f"row {index}: " + ", ".join(details))
+        more = ", ..." if len(rows) > BOUNDARY_EXAMPLES else ""
+        log.warning("%s: %d of %d rows tokenise differently at the prompt/completion boundary than as one text "
+                    "(kept as tokenised separately, which is what training sees; a prompt ending mid-word or with "
+                    "a space usually causes it): %s%s", caller, len(rows), len(prompt_texts), "; ".join(shown), more)
+    return len(rows)
+
+
+# Public tokenisation
 
 
 def _fit(completion: List[int], prompt_length: int, max_length: Optional[int]) -> Tuple[List[int], bool]:
@@ -111,18 +292,31 @@ def _is_empty(completion: List[int], eos: int) -> bool:
     return len(completion) == 0 or completion == [eos]
 
 
+def _tokenize_rows(rows: Sequence[Any], tokenizer, fields: Sequence[str], max_prompt_length: Optional[int],
+                   caller: str) -> Tuple[List[List[int]], Dict[str, List[List[int]]], DropCounts]:
+    """Prompt ids and, per completion field, completion ids (untruncated) for every row; the counts so far."""
+    _check_eos(tokenizer)
+    prompt_texts, completion_texts, add_eos = _texts(rows, tokenizer, fields)
+    prompt_tokens = _encode(tokenizer, prompt_texts)
+    completion_tokens = {name: _encode(tokenizer, completion_texts[name]) for name in fields}
+    mismatches = _check_boundaries(tokenizer, prompt_texts, prompt_tokens,
+                                   {name: (completion_texts[name], completion_tokens[name]) for name in fields},
+                                   caller)
+    prompts, prompt_cut = _prompt_ids(tokenizer, prompt_tokens, max_prompt_length)
+    completions = {name: _completion_ids(tokenizer, completion_tokens[name], add_eos[name]) for name in fields}
+    return prompts, completions, DropCounts(prompt_truncated=prompt_cut, boundary_mismatch=mismatches)
+
+
 def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: Optional[int],
                    max_prompt_length: Optional[int]) -> Tuple[List[Dict[str, List[int]]], DropCounts]:
-    """Token ids ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` per kept pair, truncated as in the module
-    docstring, and the :class:`DropCounts`."""
+    """Token ids ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` per kept pair, rendered and truncated as in the
+    module docstring, and the :class:`DropCounts` (with the boundary check's count)."""
     _check_lengths(max_length, max_prompt_length)
-    prompts, prompt_cut = _prompt_ids(tokenizer, [p.prompt for p in pairs], max_prompt_length)
-    chosen = _completion_ids(tokenizer, [p.chosen for p in pairs])
-    rejected = _completion_ids(tokenizer, [p.rejected for p in pairs])
-    counts = DropCounts(prompt_truncated=prompt_cut)
+    prompts, completions, counts = _tokenize_rows(pairs, tokenizer, ("chosen", "rejected"), max_prompt_length,
+                                                  "tokenize_pairs")
     eos = tokenizer.eos_token_id
     features = []
-    for prompt_ids, chosen_ids, rejected_ids in zip(prompts, chosen, rejected):
+    for prompt_ids, chosen_ids, rejected_ids in zip(prompts, completions["chosen"], completions["rejected"]):
         chosen_ids, chosen_cut = _fit(chosen_ids, len(prompt_ids), max_length)
         rejected_ids, rejected_cut = _fit(rejected_ids, len(prompt_ids), max_length)
         counts.completion_truncated += chosen_cut + rejected_cut
@@ -138,13 +332,13 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: Optio
 
 def tokenize_feedback(examples: Sequence[FeedbackExample], tokenizer, max_length: Optional[int],
                       max_prompt_length: Optional[int]) -> Tuple[List[Dict[str, Any]], DropCounts]:
-    """Token ids ``{"prompt_ids", "completion_ids", "desirable"}`` per kept example, and the :class:`DropCounts`."""
+    """Token ids ``{"prompt_ids", "completion_ids", "desirable"}`` per kept example, and the :class:`DropCounts`
+    (with the boundary check's count)."""
     _check_lengths(max_length, max_prompt_length)
-    prompts, prompt_cut = _prompt_ids(tokenizer, [e.prompt for e in examples], max_prompt_length)
-    completions = _completion_ids(tokenizer, [e.completion for e in examples])
-    counts = DropCounts(prompt_truncated=prompt_cut)
+    prompts, completions, counts = _tokenize_rows(examples, tokenizer, ("completion",), max_prompt_length,
+                                                  "tokenize_feedback")
     features = []
-    for example, prompt_ids, completion_ids in zip(examples, prompts, completions):
+    for example, prompt_ids, completion_ids in zip(examples, prompts, completions["completion"]):
         completion_ids, cut = _fit(completion_ids, len(prompt_ids), max_length)
         counts.completion_truncated += cut
         if _is_empty(completion_ids, tokenizer.eos_token_id):
@@ -158,9 +352,10 @@ def tokenize_feedback(examples: Sequence[FeedbackExample], tokenizer, max_length
 
 def tokenize_prompts(prompts: Sequence[PromptOnly], tokenizer, max_prompt_length: Optional[int]
                      ) -> List[Dict[str, List[int]]]:
-    """``{"prompt_ids"}`` per prompt (``[bos] + prompt``, left-truncated to ``max_prompt_length``)."""
+    """``{"prompt_ids"}`` per prompt (``[bos] + prompt``, left-truncated to ``max_prompt_length``); chat prompts
+    go through the tokenizer's chat template with the generation prompt, when it has one."""
     _check_lengths(None, max_prompt_length)
-    ids, _ = _prompt_ids(tokenizer, [p.prompt for p in prompts], max_prompt_length)
+    ids, _ = _prompt_ids(tokenizer, _encode(tokenizer, _prompt_texts(prompts, tokenizer)), max_prompt_length)
     return [{"prompt_ids": x} for x in ids]
 
 

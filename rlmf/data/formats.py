@@ -6,10 +6,18 @@ Three kinds of example, one per family of objectives:
 - :class:`FeedbackExample` for unpaired losses (KTO): a prompt, one completion and a thumbs up/down.
 - :class:`PromptOnly` for online sampling: the generator writes the completions.
 
-Everything is text. Chat rows (lists of ``{"role", "content"}`` messages) are rendered to text by
+The string fields are always text. Chat rows (lists of ``{"role", "content"}`` messages) are rendered to text by
 :func:`render_messages` in the Anthropic HH-RLHF convention (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``), so a chat
 row and the equivalent HH transcript give the same prompt and completions: a prompt always ends with
 ``"\\n\\nAssistant:"`` and a completion is the text after it (``" Sure, ..."``).
+
+Chat rows also keep their messages, in the optional ``*_messages`` fields (tuples of :class:`Message`; ``None`` for
+text rows): ``prompt_messages`` are the messages before the reply, and ``chosen_messages`` / ``rejected_messages`` /
+``completion_messages`` the reply's messages (starting with the assistant's turn; the prompt is not repeated). The
+strings are the HH rendering of those messages. With a tokenizer that has a ``chat_template``,
+:mod:`rlmf.data.collate` renders a row's messages through the template instead of using the HH strings; everything
+else (the discriminator, the tasks) reads the strings. Message fields take part in ``==`` and ``hash``: a chat row
+and a text row with the same HH text are different examples, as a chat template tokenises them differently.
 
 Accepted preference rows (:func:`parse_pair_row`):
 
@@ -31,7 +39,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
@@ -42,46 +50,114 @@ class DataError(ValueError):
     """A data file or row that cannot be used; the message names the file, line or record, and field."""
 
 
+class Message(NamedTuple):
+    """One chat message; a tuple, so examples holding messages stay hashable."""
+
+    role: str
+    content: str
+
+
+Messages = Tuple[Message, ...]
+
+
+def messages_to_dicts(messages: Sequence[Message]) -> List[Dict[str, str]]:
+    """``[{"role": ..., "content": ...}, ...]``, as ``tokenizer.apply_chat_template`` and JSON rows take them."""
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def _freeze_messages(example: Any, names: Sequence[str]) -> None:
+    """Store the ``names`` fields of a frozen example as tuples of :class:`Message` (from any sequence of
+    messages or ``{"role", "content"}`` mappings); they must be all set or all ``None``."""
+    values = [getattr(example, name) for name in names]
+    if all(v is None for v in values):
+        return
+    if any(v is None for v in values):
+        given = ", ".join(f"{n}={'set' if v is not None else 'None'}" for n, v in zip(names, values))
+        raise ValueError(f"{type(example).__name__}: the message fields must be all set or all None ({given})")
+    for name, value in zip(names, values):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
+            raise ValueError(f"{type(example).__name__}.{name} must be a non-empty sequence of messages")
+        messages = []
+        for m in value:
+            if isinstance(m, Message):
+                messages.append(m)
+            elif isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str):
+                messages.append(Message(m["role"], m["content"]))
+            else:
+                raise ValueError(f"{type(example).__name__}.{name} holds {m!r}, not a message "
+                                 "{'role': str, 'content': str}")
+        object.__setattr__(example, name, tuple(messages))
+
+
 @dataclass(frozen=True)
 class PreferencePair:
-    """One prompt with a preferred (``chosen``) and a dispreferred (``rejected``) completion."""
+    """One prompt with a preferred (``chosen``) and a dispreferred (``rejected``) completion; for chat rows also
+    their messages (see the module docstring)."""
 
     prompt: str
     chosen: str
     rejected: str
+    prompt_messages: Optional[Messages] = None
+    chosen_messages: Optional[Messages] = None
+    rejected_messages: Optional[Messages] = None
+
+    def __post_init__(self) -> None:
+        _freeze_messages(self, ("prompt_messages", "chosen_messages", "rejected_messages"))
 
     def to_row(self) -> Dict[str, Any]:
+        """Strings for a text row; messages (TRL's conversational format) for a chat row, so both read back the
+        same."""
+        if self.prompt_messages is not None:
+            return {"prompt": messages_to_dicts(self.prompt_messages),
+                    "chosen": messages_to_dicts(self.chosen_messages),
+                    "rejected": messages_to_dicts(self.rejected_messages)}
         return {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
 
 
 @dataclass(frozen=True)
 class FeedbackExample:
-    """One prompt and completion with binary feedback: ``desirable`` is the thumbs up (KTO's y_desirable)."""
+    """One prompt and completion with binary feedback: ``desirable`` is the thumbs up (KTO's y_desirable); for
+    chat rows also their messages."""
 
     prompt: str
     completion: str
     desirable: bool
+    prompt_messages: Optional[Messages] = None
+    completion_messages: Optional[Messages] = None
+
+    def __post_init__(self) -> None:
+        _freeze_messages(self, ("prompt_messages", "completion_messages"))
 
     def to_row(self) -> Dict[str, Any]:
+        if self.prompt_messages is not None:
+            return {"prompt": messages_to_dicts(self.prompt_messages),
+                    "completion": messages_to_dicts(self.completion_messages), "label": self.desirable}
         return {"prompt": self.prompt, "completion": self.completion, "label": self.desirable}
 
 
 @dataclass(frozen=True)
 class PromptOnly:
-    """A prompt for online sampling."""
+    """A prompt for online sampling; for chat rows also its messages (rendered with the generation prompt)."""
 
     prompt: str
+    prompt_messages: Optional[Messages] = None
+
+    def __post_init__(self) -> None:
+        _freeze_messages(self, ("prompt_messages",))
 
     def to_row(self) -> Dict[str, Any]:
+        if self.prompt_messages is not None:
+            return {"prompt": messages_to_dicts(self.prompt_messages)}
         return {"prompt": self.prompt}
 
 
 def pairs_to_feedback(pairs: Sequence[PreferencePair]) -> List[FeedbackExample]:
-    """Unpair preferences for KTO, as in the KTO paper: each chosen is desirable, each rejected undesirable."""
+    """Unpair preferences for KTO, as in the KTO paper: each chosen is desirable, each rejected undesirable
+    (messages are carried along)."""
     out: List[FeedbackExample] = []
     for pair in pairs:
-        out.append(FeedbackExample(pair.prompt, pair.chosen, True))
-        out.append(FeedbackExample(pair.prompt, pair.rejected, False))
+        out.append(FeedbackExample(pair.prompt, pair.chosen, True, pair.prompt_messages, pair.chosen_messages))
+        out.append(FeedbackExample(pair.prompt, pair.rejected, False, pair.prompt_messages, pair.rejected_messages))
     return out
 
 
@@ -173,17 +249,20 @@ def _chat_prompt(prompt: List[Dict[str, str]]) -> str:
     return render_messages(prompt, add_generation_prompt=True)
 
 
-def _chat_prompt_and_replies(prompt, replies: Dict[str, List[Dict[str, str]]]) -> Tuple[str, Dict[str, str]]:
-    """Render a message-list prompt and message-list replies; replies that repeat the prompt first lose it."""
+def _chat_prompt_and_replies(prompt, replies: Dict[str, List[Dict[str, str]]]
+                             ) -> Tuple[str, Dict[str, str], Dict[str, List[Dict[str, str]]]]:
+    """Render a message-list prompt and message-list replies; replies that repeat the prompt first lose it.
+    Returns the prompt text, the reply texts and the reply messages (without the repeated prompt)."""
     prompt_text = _chat_prompt(prompt)
-    texts = {}
+    texts, reply_messages = {}, {}
     for name, messages in replies.items():
         first = len(prompt) if len(messages) > len(prompt) and messages[: len(prompt)] == prompt else 0
         if messages[first]["role"] != "assistant":
             raise DataError(f"field '{name}[{first}].role' must be 'assistant' (a completion starts with the "
                             f"assistant's reply), got {messages[first]['role']!r}")
         texts[name] = _completion_text(messages[first:])
-    return prompt_text, texts
+        reply_messages[name] = messages[first:]
+    return prompt_text, texts, reply_messages
 
 
 def _mixed(name: str, kind: str, prompt_kind: str) -> DataError:
@@ -216,8 +295,9 @@ def parse_pair_row(row: Mapping[str, Any]) -> PreferencePair:
         for name, value in (("chosen", chosen), ("rejected", rejected)):
             if isinstance(value, str):
                 raise _mixed(name, "a string", "a list of messages")
-        prompt_text, texts = _chat_prompt_and_replies(prompt, {"chosen": chosen, "rejected": rejected})
-        return PreferencePair(prompt_text, texts["chosen"], texts["rejected"])
+        prompt_text, texts, replies = _chat_prompt_and_replies(prompt, {"chosen": chosen, "rejected": rejected})
+        return PreferencePair(prompt_text, texts["chosen"], texts["rejected"], prompt, replies["chosen"],
+                              replies["rejected"])
 
     chosen = _text_or_messages(row, "chosen", _PAIR_NEEDS)
     rejected = _text_or_messages(row, "rejected", _PAIR_NEEDS)
@@ -258,7 +338,8 @@ def _split_conversations(chosen: List[Dict[str, str]], rejected: List[Dict[str, 
         raise DataError("fields 'chosen' and 'rejected' have no prompt: without a 'prompt' field they must be "
                         "conversations that share their leading messages up to an assistant reply")
     prompt = render_messages(chosen[:k], add_generation_prompt=True)
-    return PreferencePair(prompt, _completion_text(chosen[k:]), _completion_text(rejected[k:]))
+    return PreferencePair(prompt, _completion_text(chosen[k:]), _completion_text(rejected[k:]), chosen[:k],
+                          chosen[k:], rejected[k:])
 
 
 def _parse_label(row: Mapping[str, Any]) -> bool:
@@ -285,16 +366,19 @@ def parse_feedback_row(row: Mapping[str, Any]) -> FeedbackExample:
         return FeedbackExample(_check_prompt(prompt), completion, desirable)
     if isinstance(completion, str):
         raise _mixed("completion", "a string", "a list of messages")
-    prompt_text, texts = _chat_prompt_and_replies(prompt, {"completion": completion})
-    return FeedbackExample(prompt_text, texts["completion"], desirable)
+    prompt_text, texts, replies = _chat_prompt_and_replies(prompt, {"completion": completion})
+    return FeedbackExample(prompt_text, texts["completion"], desirable, prompt, replies["completion"])
 
 
 def parse_prompt_row(row: Mapping[str, Any]) -> PromptOnly:
     """A :class:`PromptOnly` from a row with ``prompt`` (a string, or messages rendered with the generation prompt
-    appended), or from a preference row without one (HH transcripts or conversations)."""
+    appended and kept), or from a preference row without one (HH transcripts or conversations)."""
     if not isinstance(row, Mapping):
         raise DataError(f"row must be an object with fields, got {_type_name(row)}")
     if ("prompt" not in row or row["prompt"] is None) and "chosen" in row:
-        return PromptOnly(parse_pair_row(row).prompt)
+        pair = parse_pair_row(row)
+        return PromptOnly(pair.prompt, pair.prompt_messages)
     prompt = _text_or_messages(row, "prompt", _PROMPT_NEEDS)
-    return PromptOnly(_check_prompt(prompt) if isinstance(prompt, str) else _chat_prompt(prompt))
+    if isinstance(prompt, str):
+        return PromptOnly(_check_prompt(prompt))
+    return PromptOnly(_chat_prompt(prompt), prompt)

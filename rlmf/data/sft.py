@@ -10,7 +10,7 @@ padding without the cross-sample attention leaks that packing would need extra m
 from __future__ import annotations
 
 import random
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple, Union
 
 import lightning as L
 from torch.utils.data import DataLoader, Sampler
@@ -19,12 +19,13 @@ from rlmf.data.collate import FeedbackCollator, tokenize_feedback
 from rlmf.data.formats import FeedbackExample
 
 
-def tokenize_sft(examples: Sequence[Tuple[str, str]], tokenizer, max_length: int, max_prompt_length: int
-                 ) -> List[Dict[str, Any]]:
-    """``{"prompt_ids", "completion_ids"}`` per (prompt, completion), truncated like every other row format."""
-    rows, _ = tokenize_feedback([FeedbackExample(p, c, True) for p, c in examples], tokenizer, max_length,
-                                max_prompt_length)
-    return rows
+def tokenize_sft(examples: Sequence[Union[Tuple[str, str], FeedbackExample]], tokenizer, max_length: int,
+                 max_prompt_length: int) -> List[Dict[str, Any]]:
+    """``{"prompt_ids", "completion_ids"}`` per (prompt, completion) pair or :class:`FeedbackExample` (whose chat
+    messages render through the tokenizer's chat template), truncated like every other row format."""
+    rows = [e if isinstance(e, FeedbackExample) else FeedbackExample(e[0], e[1], True) for e in examples]
+    features, _ = tokenize_feedback(rows, tokenizer, max_length, max_prompt_length)
+    return features
 
 
 class LengthBucketBatchSampler(Sampler[List[int]]):
@@ -66,7 +67,7 @@ class LengthBucketBatchSampler(Sampler[List[int]]):
 
 
 class SFTDataModule(L.LightningDataModule):
-    def __init__(self, train: Sequence[Tuple[str, str]], validation: Sequence[Tuple[str, str]], tokenizer,
+    def __init__(self, train: Sequence[Any], validation: Sequence[Any], tokenizer,
                  batch_size: int, max_length: int, max_prompt_length: int, seed: int = 0, num_workers: int = 0):
         super().__init__()
         self.train_rows = tokenize_sft(train, tokenizer, max_length, max_prompt_length)

@@ -64,7 +64,8 @@ def test_empty_and_identical_pairs_are_dropped_and_counted(tiny_tokenizer):
     assert [f["prompt_ids"][1:] for f in features] == [enc(tiny_tokenizer, PROMPT)]
     assert counts.kept == 1 and counts.empty_completion == 1 and counts.identical == 2 and counts.dropped == 3
     assert counts.as_dict() == {"data/dropped": 3, "data/kept": 1, "data/empty_completion": 1, "data/identical": 2,
-                                "data/prompt_truncated": 0, "data/completion_truncated": counts.completion_truncated}
+                                "data/prompt_truncated": 0, "data/completion_truncated": counts.completion_truncated,
+                                "data/boundary_mismatch": 0}
     assert str(counts).startswith("kept 1, dropped 3 (empty completion 1, chosen == rejected 2)")
 
 

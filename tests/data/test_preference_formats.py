@@ -23,6 +23,8 @@ USER2 = {"role": "user", "content": "Name a colour."}
 CHOSEN = {"role": "assistant", "content": "Blue."}
 REJECTED = {"role": "assistant", "content": "I'd rather not."}
 CHAT_PROMPT = [USER1, BOT1, USER2]
+# The same pair from a chat row: the HH strings, and the messages kept (the replies without the prompt).
+EXPECTED_CHAT = PreferencePair(HH_PROMPT, " Blue.", " I'd rather not.", CHAT_PROMPT, [CHOSEN], [REJECTED])
 
 
 def test_render_messages_is_hh_text():
@@ -50,17 +52,17 @@ def test_hh_transcripts_whose_replies_share_a_start():
 
 def test_chat_prompt_with_assistant_replies_matches_hh():
     row = {"prompt": CHAT_PROMPT, "chosen": [CHOSEN], "rejected": [REJECTED]}
-    assert parse_pair_row(row) == EXPECTED
+    assert parse_pair_row(row) == EXPECTED_CHAT
 
 
 def test_chat_replies_that_repeat_the_prompt():
     row = {"prompt": CHAT_PROMPT, "chosen": CHAT_PROMPT + [CHOSEN], "rejected": CHAT_PROMPT + [REJECTED]}
-    assert parse_pair_row(row) == EXPECTED
+    assert parse_pair_row(row) == EXPECTED_CHAT
 
 
 def test_full_conversations_without_prompt():
     row = {"chosen": CHAT_PROMPT + [CHOSEN], "rejected": CHAT_PROMPT + [REJECTED]}
-    assert parse_pair_row(row) == EXPECTED
+    assert parse_pair_row(row) == EXPECTED_CHAT
 
 
 def test_full_conversations_where_one_continues_the_other():
@@ -87,12 +89,12 @@ def test_feedback_row(label, desirable):
 
 def test_feedback_chat_row():
     row = {"prompt": CHAT_PROMPT, "completion": [CHOSEN], "label": True}
-    assert parse_feedback_row(row) == FeedbackExample(HH_PROMPT, " Blue.", True)
+    assert parse_feedback_row(row) == FeedbackExample(HH_PROMPT, " Blue.", True, CHAT_PROMPT, [CHOSEN])
 
 
 def test_prompt_rows():
     assert parse_prompt_row({"prompt": "P:"}) == PromptOnly("P:")
-    assert parse_prompt_row({"prompt": CHAT_PROMPT}) == PromptOnly(HH_PROMPT)
+    assert parse_prompt_row({"prompt": CHAT_PROMPT}) == PromptOnly(HH_PROMPT, CHAT_PROMPT)
     assert parse_prompt_row({"chosen": HH_PROMPT + " a", "rejected": HH_PROMPT + " b"}) == PromptOnly(HH_PROMPT)
 
 

@@ -102,7 +102,8 @@ def test_json_file_errors(tmp_path):
 def test_parquet_with_chat_messages(tmp_path):
     path = write_parquet(str(tmp_path / "chat.parquet"), CHAT_ROWS)
     pairs, _ = load_pairs(path)
-    assert pairs[2] == PreferencePair("\n\nHuman: q2\n\nAssistant:", " yes", " no")
+    assert pairs[2] == PreferencePair("\n\nHuman: q2\n\nAssistant:", " yes", " no", CHAT_ROWS[2]["prompt"],
+                                      CHAT_ROWS[2]["chosen"], CHAT_ROWS[2]["rejected"])
 
 
 def test_parquet_bad_record(tmp_path):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rlmf.data import FeedbackExample, PreferencePair, tokenize_feedback, tokenize_pairs
-from rlmf.data.alignment import AlignmentDataModule
-from rlmf.losses import LOSSES
+from rlmf.data.alignment import AlignmentDataModule, with_mismatched_completions
+from rlmf.losses import LOSSES, loss_inputs
 from rlmf.models import build_tiny_generator, train_tokenizer
 from rlmf.logprobs import completion_logps
 from rlmf.modules.generator import Generator
@@ -47,28 +47,60 @@ class GradientCheck(L.Callback):
         self.checked = True
 
 
-@pytest.mark.parametrize("name", PREFERENCE_LOSSES)
-def test_one_training_step_for_every_algorithm(setup, name, tmp_path):
+REFERENCE_MODES = ("frozen", "precomputed", "lora")
+ALGORITHM_MODES = [(name, mode) for name in PREFERENCE_LOSSES
+                   for mode in (REFERENCE_MODES if LOSSES[name].requires_reference else ("none",))]
+
+
+@pytest.mark.parametrize("name,mode", ALGORITHM_MODES)
+def test_one_training_step_for_every_algorithm_and_reference_mode(setup, name, mode, tmp_path):
+    """Every loss with every reference mode it allows, prepared the way the align stage prepares it."""
     _, tokenizer, pairs, thumbs = setup
     fn = LOSSES[name]
     if fn.data_format == "unpaired":
         features, _ = tokenize_feedback(thumbs, tokenizer, 192, 96)
+        if "policy_kl_logps" in loss_inputs(name):
+            features = with_mismatched_completions(features, 192)
     else:
         features, _ = tokenize_pairs(pairs, tokenizer, 192, 96)
-    policy, reference = prepare_reference("frozen" if fn.requires_reference else "none", tiny_model(tokenizer))
-    module = Generator(policy, loss_name=name, reference=reference, online_samples=2, max_new_tokens=8,
-                       stop_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, lr=1e-3)
+    model = tiny_model(tokenizer)
+    if mode == "precomputed":
+        model.save_pretrained(tmp_path / "model")
+        attach_precomputed(model, tmp_path / "model", {"train": features},
+                           "paired" if fn.data_format == "paired_online" else fn.data_format,
+                           tokenizer.pad_token_id, tmp_path / "cache")
+    policy, reference = prepare_reference(mode, model, lora_rank=4, data_format=fn.data_format)
+    module = Generator(policy, loss_name=name, reference=reference, reference_mode=mode, online_samples=2,
+                       max_new_tokens=8, stop_token_ids=[tokenizer.eos_token_id],
+                       pad_token_id=tokenizer.pad_token_id, lr=1e-3)
     data = AlignmentDataModule(features, features[:2], fn.data_format, tokenizer.pad_token_id, 192, batch_size=4)
     check = GradientCheck()
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[check], default_root_dir=tmp_path,
-                        limit_val_batches=1, num_sanity_val_steps=0)
+                        limit_val_batches=1, num_sanity_val_steps=0, accelerator="cpu")
     trainer.fit(module, datamodule=data)
     assert check.checked
     loss = trainer.callback_metrics["generator/train/loss"]
     assert math.isfinite(float(loss))
     if fn.requires_reference and fn.data_format != "unpaired":
         assert "generator/train/rewards/margins" in trainer.callback_metrics
+
+
+def test_precomputed_kto_reference_equals_the_frozen_one(setup, tmp_path):
+    """KTO's mismatched (KL) rows are fixed per feature, so their reference log-probs can be cached too."""
+    _, tokenizer, _, thumbs = setup
+    features = with_mismatched_completions(tokenize_feedback(thumbs, tokenizer, 192, 96)[0], 192)
+    assert all(f["kl_completion_ids"] != f["completion_ids"] for f in features)
+    model = tiny_model(tokenizer)
+    model.save_pretrained(tmp_path / "model")
+    attach_precomputed(model, tmp_path / "model", {"train": features}, "unpaired", tokenizer.pad_token_id,
+                       tmp_path / "cache")
+    module = Generator(model, loss_name="kto", reference=frozen_copy(model))
+    batch = AlignmentDataModule(features, features, "unpaired", tokenizer.pad_token_id, 192, 4).collate(features)
+    cached = module.reference_logps(batch, "kl_")
+    live = Generator(model, loss_name="kto", reference=frozen_copy(model)).reference_logps(
+        {k: v for k, v in batch.items() if not k.startswith("reference_")}, "kl_")
+    assert torch.allclose(cached, live, atol=1e-5)
 
 
 def test_frozen_reference_matches_the_starting_policy_after_training(setup):
