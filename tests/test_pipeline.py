@@ -165,3 +165,44 @@ def test_beta_sweep_reuses_cached_reference_logps(compose, tmp_path):
 
     saved = load_file(tmp_path / "lora" / "align" / "generator" / "model.safetensors")
     assert saved and not [k for k in saved if "lora" in k], "the adapter is merged into a plain model"
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_rows_go_through_the_checkpoint_chat_template(compose, tmp_path, tiny_checkpoint, monkeypatch):
+    """With a tokenizer that has a chat template, chat rows are rendered by it for SFT, alignment and the
+    evaluation prompts; no HH "\\n\\nHuman:" text reaches the model."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    import rlmf.data.collate
+
+    model_dir = tmp_path / "chat-model"
+    shutil.copytree(tiny_checkpoint("llama"), model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(model_dir)
+    rows = [{"prompt": [{"role": "user", "content": f"Write to customer {i}."}],
+             "chosen": [{"role": "assistant", "content": f"Thanks, order {i % 5} ships today."}],
+             "rejected": [{"role": "assistant", "content": "whatever"}]} for i in range(20)]
+    train = _write_jsonl(tmp_path / "train.jsonl", rows)
+    rendered = []
+    encode = rlmf.data.collate._encode
+
+    def spy(tok, texts):
+        rendered.extend(texts)
+        return encode(tok, texts)
+
+    monkeypatch.setattr(rlmf.data.collate, "_encode", spy)
+    cfg = compose("experiment=tiny_models", "task=preference_files", f"task.train={train}", "task.eval_prompts=2",
+                  "generator=hf", f"generator.name_or_path={model_dir}", "stage.stages=[sft,align,evaluate]",
+                  "generator.sft.max_steps=2")
+    summary = run_job(cfg, tmp_path / "run")
+    assert "kl/aligned" in summary
+    assert any(t.startswith("<|im_start|>user\nWrite to customer") and t.endswith("<|im_start|>assistant\n")
+               for t in rendered), "prompts rendered with the template"
+    assert any(t.startswith("Thanks, order") and "<|im_end|>" in t for t in rendered), "completions too"
+    assert not any("Human:" in t for t in rendered), "no HH rendering with a chat template"
