@@ -27,7 +27,9 @@ from rlmf.files import write_atomic
 from rlmf.generation import generate, stop_token_ids
 from rlmf.logprobs import check_logprobs_match_forward
 from rlmf.models import build_tiny_generator, load_generator, save_generator, train_tokenizer
+from rlmf.distributed import is_main_process, main_process_first
 from rlmf.placement import Placement, resolve_precision
+from rlmf.resume import AtomicCheckpointIO, RandomState, SaveOnInterrupt, fit
 from rlmf.tasks import persona_email
 
 log = logging.getLogger(__name__)
@@ -194,8 +196,10 @@ def make_trainer(run: Run, stage: str, max_steps: int, validate: bool = True) ->
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
     t = run.cfg.trainer
-    callbacks = [ModelCheckpoint(dirpath=str(run.stage_dir(stage) / "checkpoints"), save_last=True,
-                                 save_top_k=0, every_n_train_steps=max(1, max_steps // 4))]
+    checkpoints = run.stage_dir(stage) / "checkpoints"
+    callbacks = [ModelCheckpoint(dirpath=str(checkpoints), save_last=True, save_top_k=0,
+                                 every_n_train_steps=max(1, max_steps // 4)),
+                 RandomState(), SaveOnInterrupt(checkpoints / "last.ckpt")]
     if t.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     loggers = run.lightning_loggers(stage)
@@ -207,6 +211,8 @@ def make_trainer(run: Run, stage: str, max_steps: int, validate: bool = True) ->
         enable_progress_bar=t.progress_bar, enable_model_summary=False, default_root_dir=str(run.stage_dir(stage)),
         val_check_interval=t.val_check_interval or max_steps, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, limit_val_batches=None if validate else 0,
+        # Our loaders shard across processes and resume mid-epoch themselves (rlmf.data.loading).
+        use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
     )
 
 
@@ -266,7 +272,8 @@ def stage_sft(run: Run) -> Dict[str, Any]:
 
     out = run.stage_dir("sft")
     model, tokenizer = initial_generator(run)
-    save_generator(model, tokenizer, out / "initial")
+    if is_main_process():
+        save_generator(model, tokenizer, out / "initial")
     g, opt = run.cfg.generator, run.cfg.generator.sft
     if run.uses_files:  # SFT on the preferred completions (with their messages, for a chat template)
         from rlmf.data import pairs_to_feedback
@@ -284,12 +291,14 @@ def stage_sft(run: Run) -> Dict[str, Any]:
     steps = optimiser_steps(run, opt, data.batches_per_epoch())
     trainer = make_trainer(run, "sft", steps)
     before = trainer.validate(module, datamodule=data, verbose=False)[0]["sft/val/loss"]
-    trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(run, "sft"))
+    fit(trainer, module, "sft", datamodule=data, ckpt_path=resume_checkpoint(run, "sft"))
     after = trainer.validate(module, datamodule=data, verbose=False)[0]["sft/val/loss"]
-    save_generator(module.model, tokenizer, out / "generator")
     metrics = {"sft/val_loss_before": before, "sft/val_loss_after": after, "sft/steps": steps,
                "sft/train_examples": len(data.train_rows)}
-    mark_done(out, metrics)
+    with main_process_first() as main:
+        if main:
+            save_generator(module.model, tokenizer, out / "generator")
+            mark_done(out, metrics)
     return metrics
 
 
@@ -373,9 +382,8 @@ def discriminator_kwargs(cfg: DictConfig) -> Dict[str, Any]:
 
 def stage_discriminator(run: Run) -> Dict[str, Any]:
     """Train the reward model on the recipients' A/B feedback (or thumbs); report held-out pairwise accuracy."""
-    from torch.utils.data import DataLoader
-
     from rlmf.data import load_feedback, load_pairs, pairs_to_feedback
+    from rlmf.data.loading import RowsDataModule
     from rlmf.modules.discriminator import Discriminator, pairwise_accuracy
 
     d = run.cfg.discriminator
@@ -393,28 +401,28 @@ def stage_discriminator(run: Run) -> Dict[str, Any]:
         heldout_file = feedback / "heldout_pairs.jsonl"
         heldout = load_pairs(heldout_file)[0] if heldout_file.stat().st_size else []
     module = Discriminator(**discriminator_kwargs(run.cfg))
-    loader = DataLoader(train_rows, batch_size=d.batch_size, shuffle=True, collate_fn=module.training_collator(),
-                        generator=torch.Generator().manual_seed(run.cfg.seed))
-    val_loader = DataLoader(heldout, batch_size=d.batch_size, collate_fn=module.validation_collator()) \
-        if heldout else None
-    steps = stage_steps(run, d.max_epochs * len(loader))
+    data = RowsDataModule(train_rows, heldout, module.training_collator(), d.batch_size, seed=run.cfg.seed,
+                          num_workers=run.cfg.trainer.num_workers, val_collate=module.validation_collator())
+    steps = stage_steps(run, d.max_epochs * data.batches_per_epoch())
     trainer = make_trainer(run, "discriminator", steps, validate=bool(heldout))
 
     def accuracy() -> float:
-        if not heldout:
+        if not heldout or not is_main_process():
             return float("nan")
         run.placement.put(module)  # Lightning hands the module back on the CPU after fit
         with run.placement.inference():
             return pairwise_accuracy(module, heldout)
 
     accuracy_before = accuracy()
-    trainer.fit(module, loader, val_loader, ckpt_path=resume_checkpoint(run, "discriminator"))
+    fit(trainer, module, "discriminator", datamodule=data, ckpt_path=resume_checkpoint(run, "discriminator"))
     out = run.stage_dir("discriminator")
-    module.save(out / "model")
     metrics = {"discriminator/accuracy": accuracy(),
                "discriminator/accuracy_before_training": accuracy_before,
                "discriminator/train_rows": len(train_rows), "discriminator/steps": steps}
-    mark_done(out, metrics)
+    with main_process_first() as main:
+        if main:
+            module.save(out / "model")
+            mark_done(out, metrics)
     return metrics
 
 
@@ -446,13 +454,35 @@ def machine_feedback(run: Run, model, tokenizer, discriminator) -> Tuple[list, l
     return pairs, thumbs, stats
 
 
+def round_feedback(run: Run, model, tokenizer) -> Tuple[list, list, Dict[str, float]]:
+    """This round's machine feedback, made once: rank 0 samples and ranks (:func:`machine_feedback`) and writes
+    ``align/pairs.jsonl``, ``thumbs.jsonl`` and ``feedback.json``; the other ranks, and a resumed run, read them."""
+    from rlmf.data import load_feedback, load_pairs, write_jsonl
+
+    out = run.stage_dir("align")
+    stats_file = out / "feedback.json"
+    with main_process_first() as main:
+        if main and not stats_file.exists():
+            discriminator = run.load_discriminator(run.require("discriminator") / "model")
+            pairs, thumbs, stats = machine_feedback(run, model, tokenizer, discriminator)
+            del discriminator
+            write_jsonl(out / "pairs.jsonl", pairs)
+            write_jsonl(out / "thumbs.jsonl", thumbs)
+            write_atomic(stats_file, json.dumps(stats))  # last: its presence means the round's data is whole
+    if not stats_file.exists():
+        raise RuntimeError(f"rank has no round feedback in {out}: rank 0 should have written it before training")
+    pairs = load_pairs(out / "pairs.jsonl")[0] if (out / "pairs.jsonl").stat().st_size else []
+    thumbs = load_feedback(out / "thumbs.jsonl")[0] if (out / "thumbs.jsonl").stat().st_size else []
+    return pairs, thumbs, json.loads(stats_file.read_text())
+
+
 def stage_align(run: Run) -> Dict[str, Any]:
     """One RLMF round: the starting generator samples, the discriminator ranks, the generator learns with ``algo``.
 
     With ``task=preference_files`` the file's pairs are the feedback. The starting generator is the SFT model, or
     a ``generator=hf`` checkpoint as it is when the job has no ``sft`` stage (:func:`starting_generator`).
     """
-    from rlmf.data import pairs_to_feedback, tokenize_feedback, tokenize_pairs, write_jsonl
+    from rlmf.data import pairs_to_feedback, tokenize_feedback, tokenize_pairs
     from rlmf.data.alignment import AlignmentDataModule, with_mismatched_completions
     from rlmf.losses import get_loss, loss_inputs
     from rlmf.modules.generator import Generator
@@ -478,11 +508,7 @@ def stage_align(run: Run) -> Dict[str, Any]:
         (train, drops), (validation, _) = (tokenize(run.file_pairs(s), pairs_to_feedback(run.file_pairs(s)))
                                            for s in ("train", "eval"))
     else:
-        discriminator = run.load_discriminator(run.require("discriminator") / "model")
-        pairs, thumbs, stats = machine_feedback(run, model, tokenizer, discriminator)
-        del discriminator
-        write_jsonl(out / "pairs.jsonl", pairs)
-        write_jsonl(out / "thumbs.jsonl", thumbs)
+        pairs, thumbs, stats = round_feedback(run, model, tokenizer)
         features, drops = tokenize(pairs, thumbs)
         n_val = max(1, len(features) // 10)
         train, validation = features[n_val:], features[:n_val]
@@ -490,7 +516,7 @@ def stage_align(run: Run) -> Dict[str, Any]:
     splits = {"train": train, "validation": validation}
     reference_mode = a.reference if loss.requires_reference else "none"
     if reference_mode == "precomputed":
-        with run.placement.inference():
+        with main_process_first(), run.placement.inference():  # rank 0 fills the cache, the others read it
             cache, hit = attach_precomputed(
                 model, start, splits, "paired" if data_format == "paired_online" else data_format,
                 tokenizer.pad_token_id, a.reference_cache_dir, placement=run.placement)
@@ -508,12 +534,14 @@ def stage_align(run: Run) -> Dict[str, Any]:
                                num_workers=run.cfg.trainer.num_workers)
     steps = optimiser_steps(run, opt, data.batches_per_epoch())
     trainer = make_trainer(run, "align", steps)
-    trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(run, "align"))
-    trained = module.model.merge_and_unload() if reference_mode == "lora" else module.model
-    save_generator(trained, tokenizer, out / "generator")
+    fit(trainer, module, "align", datamodule=data, ckpt_path=resume_checkpoint(run, "align"))
     metrics = {**stats, **drops.as_dict("align/data/"), "align/steps": steps,
                "align/val_loss": float(trainer.callback_metrics.get("align/val/loss", float("nan")))}
-    mark_done(out, metrics)
+    with main_process_first() as main:
+        if main:
+            trained = module.model.merge_and_unload() if reference_mode == "lora" else module.model
+            save_generator(trained, tokenizer, out / "generator")
+            mark_done(out, metrics)
     return metrics
 
 
@@ -610,8 +638,16 @@ STAGE_FUNCTIONS: Dict[str, Callable[[Run], Dict[str, Any]]] = {
 }
 
 
+# Stages without a trainer.fit: rank 0 runs them, the other ranks wait and read its done.json.
+MAIN_PROCESS_STAGES = ("feedback", "evaluate")
+
+
 def run_pipeline(run: Run) -> Dict[str, Any]:
-    """Run the configured stages in pipeline order, reusing finished ones; returns the merged metrics."""
+    """Run the configured stages in pipeline order, reusing finished ones; returns the merged metrics.
+
+    Each stage starts from its own seed (``seed + its index``), so its randomness does not depend on which earlier
+    stages ran in this process or were reused from disk: a resumed job and a hand-off match an uninterrupted run.
+    """
     wanted = [s for s in STAGES if s in run.cfg.stage.stages]
     for stage in wanted:
         if stage == "feedback" and run.uses_files:
@@ -624,5 +660,11 @@ def run_pipeline(run: Run) -> Dict[str, Any]:
             run.results.update(read_done(finished))
             continue
         log.info("stage %s: starting", stage)
-        run.results.update(fn(run))
+        L.seed_everything(run.cfg.seed + STAGES.index(stage), workers=True, verbose=False)
+        if stage in MAIN_PROCESS_STAGES:
+            with main_process_first() as main:
+                metrics = fn(run) if main else None
+            run.results.update(metrics if metrics is not None else read_done(run.stage_dir(stage)))
+        else:
+            run.results.update(fn(run))
     return run.results

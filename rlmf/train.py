@@ -74,24 +74,33 @@ def run_job(cfg: DictConfig, run_dir: Path, sweep_group: str | None = None) -> D
     """Everything the entry point does after composition; callable from tests with a composed config."""
     import lightning as L
 
+    from rlmf.distributed import is_main_process
+    from rlmf.files import write_atomic
     from rlmf.kernels import set_default_backend
     from rlmf.pipeline import Run, run_pipeline
     from rlmf.reporting import plot_reply_rates
+    from rlmf.resume import Preempted
 
     validate(cfg)
     quiet_libraries()
+    main = is_main_process()  # under trainer=ddp, ranks > 0 train beside rank 0 and write nothing of their own
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if main:
+        write_atomic(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     set_default_backend(cfg.generator.logprob_backend)
     run = Run(cfg=cfg, run_dir=run_dir, sweep_group=sweep_group)
     try:
         summary = run_pipeline(run)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-        plot = plot_reply_rates(summary, run_dir / "reply_rate_by_stage.png")
-        if plot is not None:
-            log.info("plot: %s", plot)
-        run.log_summary(summary)
+        if main:
+            write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+            plot = plot_reply_rates(summary, run_dir / "reply_rate_by_stage.png")
+            if plot is not None:
+                log.info("plot: %s", plot)
+            run.log_summary(summary)
+    except Preempted as stopped:
+        log.warning("%s", stopped)
+        raise
     finally:
         run.close()
     return summary
@@ -103,6 +112,10 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(hc.runtime.output_dir)
     sweep_group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
     summary = run_job(cfg, run_dir, sweep_group)
+    from rlmf.distributed import is_main_process
+
+    if not is_main_process():
+        return float("nan")
     print_summary(summary)
     log.info("run directory: %s", run_dir)
     # The objective a Hydra sweeper would optimise: the final gold reply rate, when the run evaluated one.

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 from rlmf.data.collate import FeedbackCollator, PairCollator, PromptCollator
+from rlmf.data.loading import RowsDataModule
 
 
 def _with_reference(batch: Dict[str, torch.Tensor], features: Sequence[Dict[str, Any]], paired: bool
@@ -93,31 +92,12 @@ def collator_for(data_format: str, pad_token_id: int, max_length: int):
     raise ValueError(f"no alignment batches for data format {data_format!r}")
 
 
-class AlignmentDataModule(L.LightningDataModule):
-    """Shuffled training batches and ordered validation batches of tokenized features."""
+class AlignmentDataModule(RowsDataModule):
+    """Shuffled training batches and ordered validation batches of tokenized features (:mod:`rlmf.data.loading`)."""
 
     def __init__(self, train: List[Dict[str, Any]], validation: List[Dict[str, Any]], data_format: str,
                  pad_token_id: int, max_length: int, batch_size: int, seed: int = 0, num_workers: int = 0):
-        super().__init__()
         if not train:
             raise ValueError("no training rows left for alignment (all were dropped or none were given)")
-        self.train_rows, self.val_rows = train, validation
-        self.collate = collator_for(data_format, pad_token_id, max_length)
-        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
-
-    def _drop_last(self) -> bool:
-        return len(self.train_rows) > self.batch_size
-
-    def batches_per_epoch(self) -> int:
-        n, b = len(self.train_rows), self.batch_size
-        return n // b if self._drop_last() else -(-n // b)
-
-    def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        drop_last = self._drop_last()
-        return DataLoader(self.train_rows, batch_size=self.batch_size, shuffle=True, generator=generator,
-                          collate_fn=self.collate, drop_last=drop_last, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_rows, batch_size=self.batch_size, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        super().__init__(train, validation, collator_for(data_format, pad_token_id, max_length), batch_size,
+                         seed=seed, num_workers=num_workers)
