@@ -112,11 +112,31 @@ class Generator(L.LightningModule):
                 "online_attention_mask": torch.cat([prompt_mask, keep.long()], 1), "online_labels": labels}
 
     # --- training -----------------------------------------------------------------------------------------------
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _from_all_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """``[B]`` -> ``[world_size * B]``: a batch statistic (KTO's reference point z) over the global batch, as
+        one process would compute it. Gathered values carry no gradient (z is detached by definition)."""
+        if self._world_size() == 1:
+            return values
+        return self.all_gather(values.detach()).reshape(-1)
+
+    def _per_rank_token_share(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Token counts rescaled so that the SFT token mean on each rank, averaged by DDP, equals the token mean of
+        the global batch: each rank divides its summed NLL by ``global_tokens / world_size`` instead of its own
+        token count (which differs between ranks)."""
+        world = self._world_size()
+        if world == 1:
+            return lengths
+        global_tokens = self.all_gather(lengths.sum()).sum()
+        return lengths.double() * (global_tokens.double() / world) / lengths.sum().clamp(min=1)
+
     def _loss_inputs(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         fmt, needs_reference = self.loss_fn.data_format, self.loss_fn.requires_reference
         if fmt == "sft":
             logps, lengths = self.policy_logps(batch)
-            return {"policy_logps": logps, "lengths": lengths}
+            return {"policy_logps": logps, "lengths": self._per_rank_token_share(lengths)}
         logps, lengths = self.policy_logps(batch)
         reference = self.reference_logps(batch) if needs_reference else None
         if fmt == "unpaired":
@@ -124,8 +144,8 @@ class Generator(L.LightningModule):
                       "reference_logps": reference}
             if "policy_kl_logps" in loss_inputs(self.hparams.loss_name):
                 with torch.no_grad():  # the KL reference point z is detached by definition
-                    inputs["policy_kl_logps"] = self.policy_logps(batch, "kl_")[0]
-                inputs["reference_kl_logps"] = self.reference_logps(batch, "kl_")
+                    inputs["policy_kl_logps"] = self._from_all_ranks(self.policy_logps(batch, "kl_")[0])
+                inputs["reference_kl_logps"] = self._from_all_ranks(self.reference_logps(batch, "kl_"))
             return inputs
         b = logps.shape[0] // 2
         inputs = {"policy_chosen_logps": logps[:b], "policy_rejected_logps": logps[b:],
