@@ -30,6 +30,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
 
+# The GPU suite (tests/gpu): the pipeline, the compiled Triton kernels and precision on CUDA; skipped without CUDA.
+.PHONY: test-gpu
+test-gpu: install
+	$(BIN)/python -m pytest -q tests/gpu $(ARGS)
+
 bench: install
 	$(BIN)/python experiments/bench_logprobs.py $(ARGS)
 

@@ -129,6 +129,9 @@ class TrainerConfig:
     strategy: str = "auto"  # Lightning's own: ddp, fsdp, ...
     precision: str = "auto"  # auto: bf16-mixed where the device supports it, else 32-true
     accumulate_grad_batches: int = 1  # micro-batches per optimiser step
+    # A step with a non-finite loss or gradient is skipped and counted (<stage>/train/skipped_steps); this many in
+    # a row stop the run with an error naming the stage, step and batch (0 or 1: stop at the first).
+    max_bad_steps: int = 5
     gradient_clip_val: float = 1.0
     log_every_n_steps: int = 10
     val_check_interval: Optional[int] = None

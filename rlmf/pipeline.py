@@ -192,12 +192,24 @@ def optimiser_steps(run: Run, opt: DictConfig, batches_per_epoch: int) -> int:
     return stage_steps(run, steps)
 
 
+def slurm_environment() -> List[Any]:
+    """Under SLURM: Lightning's SLURM settings without its own auto-requeue (SIGUSR1 -> hpc_ckpt + scontrol),
+    because submitit (hydra/launcher=slurm) requeues the job and the re-run resumes from last.ckpt."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
 def make_trainer(run: Run, stage: str, max_steps: int, validate: bool = True) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
+    from rlmf.modules.guard import NonFiniteGuard
+
     t = run.cfg.trainer
     checkpoints = run.stage_dir(stage) / "checkpoints"
-    callbacks = [ModelCheckpoint(dirpath=str(checkpoints), save_last=True, save_top_k=0,
+    # The guard first, so the callbacks after it see a skipped step as skipped.
+    callbacks = [NonFiniteGuard(stage, max_bad_steps=t.max_bad_steps),
+                 ModelCheckpoint(dirpath=str(checkpoints), save_last=True, save_top_k=0,
                                  every_n_train_steps=max(1, max_steps // 4)),
                  RandomState(), SaveOnInterrupt(checkpoints / "last.ckpt")]
     if t.progress_bar:
@@ -212,7 +224,7 @@ def make_trainer(run: Run, stage: str, max_steps: int, validate: bool = True) ->
         val_check_interval=t.val_check_interval or max_steps, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, limit_val_batches=None if validate else 0,
         # Our loaders shard across processes and resume mid-epoch themselves (rlmf.data.loading).
-        use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False, plugins=[AtomicCheckpointIO(), *slurm_environment()],
     )
 
 

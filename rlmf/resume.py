@@ -57,14 +57,18 @@ class RandomState(L.Callback):
     resume, so dropout and online sampling continue as if the run had never stopped."""
 
     def state_dict(self) -> Dict[str, Any]:
-        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        # Plain values only: Lightning loads checkpoints with torch.load(weights_only=True), which refuses arrays.
+        name, keys, position, has_gauss, cached = np.random.get_state()
+        numpy_state = (name, keys.tolist(), int(position), int(has_gauss), float(cached))
+        state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        name, keys, position, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])

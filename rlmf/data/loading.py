@@ -6,15 +6,17 @@ Every training loader of the pipeline is built here (:class:`RowsDataModule`), s
 * **Several processes.** Rank ``r`` of ``w`` takes batches ``r, r + w, ...`` of the epoch's order, and every rank
   gets the same number of batches (DDP steps in lock-step; a rank with one batch more would hang the others).
   Lightning's own distributed-sampler injection is therefore off (``use_distributed_sampler=False``).
-* **Exact resume.** Lightning restores its loop counters from ``last.ckpt`` (the epoch, and the batches completed
-  in it) before the epoch's iterator is created; the sampler asks for them then and skips the batches already
-  trained on, instead of replaying the epoch from its start.
+* **Exact resume.** Lightning restores ``global_step`` from ``last.ckpt`` before the epoch's iterator is created;
+  the sampler turns it into (epoch, batches already trained on in it) then, and skips those batches instead of
+  replaying the epoch from its start. (Lightning's own per-epoch batch counters are not used: whether they count
+  the batch being saved depends on which hook saved the checkpoint.)
 * **No hidden randomness.** The order comes from the sampler's own seeded generator, and each loader has its own
   ``torch.Generator``, so building an iterator never draws from the global RNG (whose state a checkpoint restores).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -22,7 +24,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-Progress = Callable[[], Tuple[int, int]]  # () -> (epoch, batches already completed in it)
+Progress = Callable[[int], Tuple[int, int]]  # (batches per epoch) -> (epoch, batches already trained on in it)
 
 
 class EpochBatchSampler(Sampler[List[int]]):
@@ -72,7 +74,7 @@ class EpochBatchSampler(Sampler[List[int]]):
     def __iter__(self) -> Iterator[List[int]]:
         skip = 0
         if self.progress is not None:
-            self.epoch, skip = self.progress()
+            self.epoch, skip = self.progress(len(self.epoch_batches(0)))
         return iter(self.epoch_batches(self.epoch)[skip:])
 
     def __len__(self) -> int:
@@ -80,10 +82,19 @@ class EpochBatchSampler(Sampler[List[int]]):
 
 
 def training_progress(trainer: Optional[L.Trainer]) -> Optional[Progress]:
-    """``() -> (epoch, batches completed in it)`` read from ``trainer``'s fit loop, restored from a checkpoint."""
+    """``(batches per epoch) -> (epoch, batches trained on in it)`` from ``trainer.global_step`` (restored from a
+    checkpoint): an epoch takes ``ceil(batches / accumulate_grad_batches)`` optimiser steps, each of
+    ``accumulate_grad_batches`` batches. Checkpoints are taken at optimiser-step boundaries."""
     if trainer is None:
         return None
-    return lambda: (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+
+    def progress(batches_per_epoch: int) -> Tuple[int, int]:
+        accumulate = trainer.accumulate_grad_batches
+        steps_per_epoch = max(1, math.ceil(batches_per_epoch / accumulate))
+        epoch, steps = divmod(trainer.global_step, steps_per_epoch)
+        return epoch, steps * accumulate
+
+    return progress
 
 
 class RowsDataModule(L.LightningDataModule):

@@ -217,7 +217,7 @@ class Discriminator(lightning.LightningModule):
         if "chosen" not in batch:
             raise KeyError(f"discriminator validation needs preference pairs (chosen/rejected); got keys {sorted(batch)}")
         result, batch_size = self.batch_loss(batch)
-        self.log_dict(result.metrics, batch_size=batch_size)
+        self.log_dict(result.metrics, batch_size=batch_size, sync_dist=True)
 
     def configure_optimizers(self):
         """AdamW, linear warm-up over ``warmup_ratio`` of the steps then linear decay to 0, stepped every batch."""

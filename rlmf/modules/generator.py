@@ -182,7 +182,7 @@ class Generator(L.LightningModule):
         on_step = split == "train"
         for name, value in metrics.items():
             self.log(f"{self.hparams.metric_prefix}/{split}/{name}", value, prog_bar=name == "loss",
-                     on_step=on_step, on_epoch=not on_step, batch_size=batch_size)
+                     on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._step_started = time.perf_counter()
