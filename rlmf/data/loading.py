@@ -97,6 +97,17 @@ def training_progress(trainer: Optional[L.Trainer]) -> Optional[Progress]:
     return progress
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader Lightning knows to be resumable (it has ``state_dict``/``load_state_dict``): its position comes
+    back with ``global_step`` (:func:`training_progress`), so there is nothing of its own to save."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+
 class RowsDataModule(L.LightningDataModule):
     """Training and validation batches of in-memory rows, collated by ``collate`` (``val_collate`` if given).
 
@@ -126,8 +137,8 @@ class RowsDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _loader(self, rows: Sequence[Any], sampler: EpochBatchSampler, collate: Callable) -> DataLoader:
-        return DataLoader(rows, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return ResumableDataLoader(rows, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+                                   generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()
@@ -142,5 +153,3 @@ class RowsDataModule(L.LightningDataModule):
                                     rank=rank, world_size=world)
         return self._loader(self.val_rows, sampler, self.val_collate)
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {}
