@@ -1,8 +1,8 @@
 """One optimiser step of the generator, on 1 process with the whole batch or on 2 (DDP, gloo) with half each.
 
-Run by tests/test_distributed.py: ``python tests/ddp_step.py <devices> <format> <out.pt>``; Lightning's DDP
-launcher re-runs this same command for rank 1. Rank 0 saves the (all-reduced) gradients of the step and the
-parameters after it.
+Run by tests/test_distributed.py: ``python tests/ddp_step.py <devices> <format,format,...> <out prefix>``; Lightning's
+DDP launcher re-runs this same command for rank 1. For each format, rank 0 saves the (all-reduced) gradients of the
+step and the parameters after it to ``<out prefix>-<format>.pt``.
 """
 
 import os
@@ -81,4 +81,5 @@ def main(devices: int, fmt: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    for data_format in sys.argv[2].split(","):  # one process pair for all formats: starting one costs seconds
+        main(int(sys.argv[1]), data_format, f"{sys.argv[3]}-{data_format}.pt")

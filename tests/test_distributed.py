@@ -13,18 +13,24 @@ import torch
 SCRIPT = Path(__file__).with_name("ddp_step.py")
 
 
-def _step(devices, fmt, out):
+FORMATS = ("paired", "unpaired", "sft")
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory):
+    """``{(devices, format): saved step}`` for 1 and 2 processes, every format."""
+    out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(devices), fmt, str(out)], capture_output=True,
-                          text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out)
+    for devices in (1, 2):
+        proc = subprocess.run([sys.executable, str(SCRIPT), str(devices), ",".join(FORMATS), str(out / str(devices))],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return {(d, f): torch.load(out / f"{d}-{f}.pt") for d in (1, 2) for f in FORMATS}
 
 
-@pytest.mark.parametrize("fmt", ["paired", "unpaired", "sft"])
-def test_two_processes_with_half_the_batch_equal_one_with_all_of_it(fmt, tmp_path):
-    one = _step(1, fmt, tmp_path / "one.pt")
-    two = _step(2, fmt, tmp_path / "two.pt")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_two_processes_with_half_the_batch_equal_one_with_all_of_it(fmt, steps):
+    one, two = steps[1, fmt], steps[2, fmt]
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert one["grads"].keys() == two["grads"].keys() and one["grads"]
     # The sharp check: the all-reduced gradients (AdamW's first step is nearly scale-free, so a gradient off by a

@@ -100,3 +100,26 @@ def test_two_processes_filling_one_entry_at_once_both_succeed_and_agree(checkpoi
     assert path_a == path_b and float(total_a) == float(total_b)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [os.path.basename(path_a)], "no temporary left"
     assert torch.load(path_a)["train"]
+
+
+def test_two_jobs_evaluating_one_shared_base_at_once_both_succeed_and_agree(compose, tmp_path):
+    """The evaluation cache beside a shared SFT checkpoint: two sweep jobs fill it at the same moment."""
+    import json
+    from pathlib import Path
+
+    from rlmf.train import run_job
+
+    base = tmp_path / "base"
+    run_job(compose("experiment=quick", "stage=sft"), base)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train = str(Path(sys.executable).with_name("rlmf-train"))
+    jobs = [subprocess.Popen([train, "experiment=quick", "stage=evaluate", f"stage.from_run={base}",
+                              f"hydra.run.dir={tmp_path / name}"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=env) for name in ("a", "b")]
+    errors = [job.communicate(timeout=300)[1] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], [e[-2000:] for e in errors]
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("a", "b")]
+    assert summaries[0] == summaries[1]
+    caches = sorted((base / "sft").glob("eval-*.json"))
+    assert len(caches) == 2 and all(json.loads(c.read_text()) for c in caches)
+    assert not list((base / "sft").glob(".*tmp")), "no temporary file left behind"
