@@ -181,3 +181,28 @@ def save_tiny_checkpoint(arch: str, directory, seed: int = 0, **overrides: Any) 
     model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
+
+
+# (prompt, completion) rows of different lengths, so each row is padded differently.
+TEXTS = [
+    ("Dear Ms. Alvarez,", " thank you for your note about the quarterly report."),
+    ("Please find attached", " the invoice."),
+    ("We would love to schedule a short call", " next week to discuss the proposal, and the budget numbers."),
+]
+
+
+def padded_batch(tokenizer, side: str, device=None):
+    """``(input_ids, attention_mask, labels)`` ``[3, L]`` of :data:`TEXTS`, padded on ``side`` ("right" or
+    "left"); labels cover the completions (eos included) only."""
+    rows = [(tokenizer(p)["input_ids"], tokenizer(c)["input_ids"] + [tokenizer.eos_token_id]) for p, c in TEXTS]
+    width = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    for i, (prompt, completion) in enumerate(rows):
+        n = len(prompt) + len(completion)
+        at = slice(0, n) if side == "right" else slice(width - n, width)
+        input_ids[i, at] = torch.tensor(prompt + completion)
+        attention_mask[i, at] = 1
+        labels[i, at] = torch.tensor([-100] * len(prompt) + completion)
+    return input_ids.to(device), attention_mask.to(device), labels.to(device)

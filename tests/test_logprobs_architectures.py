@@ -8,18 +8,13 @@ temperatures; gradients. The probe check must refuse a forward that transforms t
 
 import pytest
 import torch
-from checkpoints import ARCHITECTURES
+from checkpoints import ARCHITECTURES, padded_batch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlmf import logprobs as lp
 from rlmf.logprobs import (LogitTransform, check_logprobs_match_forward, completion_logps, completion_token_logps,
                            logit_transform)
 
-TEXTS = [  # (prompt, completion): different lengths, so padding differs per row
-    ("Dear Ms. Alvarez,", " thank you for your note about the quarterly report."),
-    ("Please find attached", " the invoice."),
-    ("We would love to schedule a short call", " next week to discuss the proposal, and the budget numbers."),
-]
 EXPECTED = {  # what each forward does between the head and the logits (config values in tests/checkpoints.py)
     "llama": LogitTransform(), "qwen2": LogitTransform(), "gpt2": LogitTransform(), "phi": LogitTransform(),
     "gemma2": LogitTransform(softcap=2.0), "gemma3": LogitTransform(softcap=2.0),
@@ -43,22 +38,6 @@ def loaded(tiny_checkpoint):
         return cache[arch]
 
     return _loaded
-
-
-def batch(tokenizer, side):
-    """``(input_ids, attention_mask, labels)`` [3, L], padded on ``side``; labels cover the completions only."""
-    rows = [(tokenizer(p)["input_ids"], tokenizer(c)["input_ids"] + [tokenizer.eos_token_id]) for p, c in TEXTS]
-    width = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100)
-    for i, (prompt, completion) in enumerate(rows):
-        n = len(prompt) + len(completion)
-        at = slice(0, n) if side == "right" else slice(width - n, width)
-        input_ids[i, at] = torch.tensor(prompt + completion)
-        attention_mask[i, at] = 1
-        labels[i, at] = torch.tensor([-100] * len(prompt) + completion)
-    return input_ids, attention_mask, labels
 
 
 def forward_token_logps(model, input_ids, attention_mask, labels, temperature):
@@ -92,7 +71,7 @@ def test_the_logit_transform_is_read_off_the_config(loaded, arch):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_logps_match_the_models_own_forward(loaded, arch, side, temperature):
     model, tokenizer = loaded(arch)
-    inputs = batch(tokenizer, side)
+    inputs = padded_batch(tokenizer, side)
     with torch.no_grad():
         expected = forward_token_logps(model, *inputs, temperature)
         tokens, mask = completion_token_logps(model, *inputs, temperature=temperature)
@@ -102,7 +81,7 @@ def test_logps_match_the_models_own_forward(loaded, arch, side, temperature):
     torch.testing.assert_close(sums, expected.sum(-1), atol=1e-4, rtol=1e-5)
     assert torch.equal(counts, mask.sum(-1))
     # Left and right padding give the same numbers (positions follow the mask).
-    other = batch(tokenizer, "left" if side == "right" else "right")
+    other = padded_batch(tokenizer, "left" if side == "right" else "right")
     with torch.no_grad():
         torch.testing.assert_close(completion_logps(model, *other, temperature=temperature)[0], sums,
                                    atol=1e-4, rtol=1e-5)
@@ -112,7 +91,7 @@ def test_logps_match_the_models_own_forward(loaded, arch, side, temperature):
 def test_only_labelled_positions_reach_the_head(loaded, arch, monkeypatch):
     """The head (fused kernel or materialised logits) sees one row per completion token, not the padded batch."""
     model, tokenizer = loaded(arch)
-    inputs = batch(tokenizer, "left")
+    inputs = padded_batch(tokenizer, "left")
     rows = []
     for name in ("logprobs_from_hidden", "logprobs_from_logits"):
         real = getattr(lp, name)
@@ -124,7 +103,7 @@ def test_only_labelled_positions_reach_the_head(loaded, arch, monkeypatch):
 
 def test_a_row_without_labels_scores_zero(loaded):
     model, tokenizer = loaded("gemma2")
-    input_ids, attention_mask, labels = batch(tokenizer, "right")
+    input_ids, attention_mask, labels = padded_batch(tokenizer, "right")
     labels[1] = -100
     with torch.no_grad():
         sums, counts = completion_logps(model, input_ids, attention_mask, labels)
@@ -143,7 +122,7 @@ def test_gradients_match_the_models_own_forward(tiny_checkpoint, monkeypatch, ar
     two summation orders. (float64 would be tighter, but Gemma-2's eager attention gives NaN gradients in float64.)
     """
     model, tokenizer = load(tiny_checkpoint(arch))
-    inputs = batch(tokenizer, "left")
+    inputs = padded_batch(tokenizer, "left")
     weights = torch.tensor([1.0, -0.5, 2.0])  # any upstream gradient, different per row
     calls = []
     if chunk_rows:
@@ -212,7 +191,7 @@ def test_unhandled_logit_config_attributes_are_refused(tiny_checkpoint, arch, at
     model, tokenizer = load(tiny_checkpoint(arch))
     setattr(model.config, attribute, value)
     for call in (lambda: check_logprobs_match_forward(model),
-                 lambda: completion_logps(model, *batch(tokenizer, "right"))):
+                 lambda: completion_logps(model, *padded_batch(tokenizer, "right"))):
         with pytest.raises(ValueError, match=rf"{type(model).__name__} .*config\.{attribute}={value}"):
             call()
 
@@ -221,7 +200,7 @@ def test_a_changed_cap_is_followed(tiny_checkpoint):
     """The transform is read from the config at every call, as forward reads it."""
     model, tokenizer = load(tiny_checkpoint("gemma2"))
     model.config.final_logit_softcapping = 5.0
-    inputs = batch(tokenizer, "right")
+    inputs = padded_batch(tokenizer, "right")
     with torch.no_grad():
         torch.testing.assert_close(completion_token_logps(model, *inputs)[0],
                                    forward_token_logps(model, *inputs, 1.0), atol=1e-4, rtol=0)
@@ -237,7 +216,7 @@ def test_peft_wrapped_models(tiny_checkpoint, arch, target_modules):
     # init_lora_weights=False: non-zero adapters, so an ignored LoRA head would show in the numbers.
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=target_modules, init_lora_weights=False))
     assert check_logprobs_match_forward(peft_model) < 1e-4
-    inputs = batch(tokenizer, "left")
+    inputs = padded_batch(tokenizer, "left")
     with torch.no_grad():
         torch.testing.assert_close(completion_token_logps(peft_model, *inputs)[0],
                                    forward_token_logps(peft_model, *inputs, 1.0), atol=1e-4, rtol=0)

@@ -24,16 +24,11 @@ import math
 
 import pytest
 import torch
-from checkpoints import ARCHITECTURES
+from checkpoints import ARCHITECTURES, padded_batch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlmf.logprobs import check_logprobs_match_forward, completion_logps, completion_token_logps
 
-TEXTS = [  # (prompt, completion): different lengths, so padding differs per row (as in the CPU test)
-    ("Dear Ms. Alvarez,", " thank you for your note about the quarterly report."),
-    ("Please find attached", " the invoice."),
-    ("We would love to schedule a short call", " next week to discuss the proposal, and the budget numbers."),
-]
 PROMPTS = ["Dear Ms. Alvarez,", "Please find attached", "We would love to schedule a short call",
            "Numbers like 12 and 345"]
 
@@ -42,22 +37,6 @@ def load(directory, device):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(directory).float().eval().to(device)
     return model, AutoTokenizer.from_pretrained(directory)
-
-
-def batch(tokenizer, side, device):
-    """``(input_ids, attention_mask, labels)`` [3, L] on ``device``, padded on ``side``; labels on completions."""
-    rows = [(tokenizer(p)["input_ids"], tokenizer(c)["input_ids"] + [tokenizer.eos_token_id]) for p, c in TEXTS]
-    width = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100)
-    for i, (prompt, completion) in enumerate(rows):
-        n = len(prompt) + len(completion)
-        at = slice(0, n) if side == "right" else slice(width - n, width)
-        input_ids[i, at] = torch.tensor(prompt + completion)
-        attention_mask[i, at] = 1
-        labels[i, at] = torch.tensor([-100] * len(prompt) + completion)
-    return input_ids.to(device), attention_mask.to(device), labels.to(device)
 
 
 def forward_logits(model, input_ids, attention_mask):
@@ -80,7 +59,7 @@ def test_float32_logps_match_the_models_own_forward_on_cuda(tiny_checkpoint, dev
     sums_by_side = {}
     for temperature in (1.0, 0.7):
         for side in ("right", "left"):
-            inputs = batch(tokenizer, side, device)
+            inputs = padded_batch(tokenizer, side, device)
             with torch.no_grad():
                 expected = forward_token_logps(model, *inputs, temperature)
                 tokens, mask = completion_token_logps(model, *inputs, temperature=temperature)
@@ -102,7 +81,7 @@ def test_float32_logps_match_the_models_own_forward_on_cuda(tiny_checkpoint, dev
 def test_bf16_autocast_logps_stay_within_bf16_tolerance(tiny_checkpoint, device, arch):
     model, tokenizer = load(tiny_checkpoint(arch), device)
     for side in ("right", "left"):
-        inputs = batch(tokenizer, side, device)
+        inputs = padded_batch(tokenizer, side, device)
         mask = inputs[2][:, 1:] != -100
         with torch.no_grad():
             reference = forward_token_logps(model, *inputs, 1.0)
@@ -135,7 +114,7 @@ def test_bf16_weights_pass_the_probe_check_on_cuda(tiny_checkpoint, device, arch
 def test_float32_gradients_match_the_models_own_forward_on_cuda(tiny_checkpoint, device, arch):
     """Soft-cap (materialised logits), a folded scale and a head bias (Triton kernel backward): same gradients."""
     model, tokenizer = load(tiny_checkpoint(arch), device)
-    inputs = batch(tokenizer, "left", device)
+    inputs = padded_batch(tokenizer, "left", device)
     weights = torch.tensor([1.0, -0.5, 2.0], device=device)
 
     def grads(logps):
