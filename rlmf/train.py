@@ -79,7 +79,6 @@ def run_job(cfg: DictConfig, run_dir: Path, sweep_group: str | None = None) -> D
     from rlmf.kernels import set_default_backend
     from rlmf.pipeline import Run, run_pipeline
     from rlmf.reporting import plot_reply_rates
-    from rlmf.resume import Preempted
 
     validate(cfg)
     quiet_libraries()
@@ -98,9 +97,6 @@ def run_job(cfg: DictConfig, run_dir: Path, sweep_group: str | None = None) -> D
             if plot is not None:
                 log.info("plot: %s", plot)
             run.log_summary(summary)
-    except Preempted as stopped:
-        log.warning("%s", stopped)
-        raise
     finally:
         run.close()
     return summary

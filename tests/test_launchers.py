@@ -212,6 +212,8 @@ def test_submitit_requeues_a_preempted_job_which_resumes_in_its_own_directory(tm
     logs = log + "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.*"))
     assert "Caught signal SIGUSR2" in logs and "Requeued job" in logs, logs[-3000:]
     assert f"Restoring states from the checkpoint path at {checkpoint}" in logs
+    # The signal was deferred to the next batch boundary: last.ckpt was saved there, not at a periodic step.
+    assert "stage 'sft' interrupted; saved" in logs, "submitit's signal must checkpoint before requeueing"
     assert json.loads((sweep / "0" / "summary.json").read_text())["sft/steps"] == steps
 
 
