@@ -674,6 +674,8 @@ def run_pipeline(run: Run) -> Dict[str, Any]:
         log.info("stage %s: starting", stage)
         L.seed_everything(run.cfg.seed + STAGES.index(stage), workers=True, verbose=False)
         if stage in MAIN_PROCESS_STAGES:
+            if not is_main_process():
+                log.info("stage %s: this rank waits for rank 0 and reads its results", stage)
             with main_process_first() as main:
                 metrics = fn(run) if main else None
             run.results.update(metrics if metrics is not None else read_done(run.stage_dir(stage)))

@@ -55,6 +55,10 @@ def test_quick_pipeline_on_two_processes(tmp_path):
     for key in ("sft/steps", "feedback/pairs", "discriminator/accuracy", "align/steps", "gold/reply_rate/aligned",
                 "kl/aligned"):
         assert key in summary, key
-    # Rank 0 alone sampled the round's feedback and evaluated: one set of files, no rank-suffixed copies.
+    # Rank 0 alone sampled the feedback and evaluated; rank 1 (its own log) waited and read the results.
+    rank1 = (run_dir / "train_ddp_process_1.log").read_text()
+    for stage in ("feedback", "evaluate"):
+        assert f"stage {stage}: this rank waits for rank 0" in rank1, stage
+    assert "this rank waits" not in (run_dir / "train.log").read_text()
     assert len(list((run_dir / "align").glob("pairs*.jsonl"))) == 1
     assert (run_dir / "align" / "generator" / "model.safetensors").exists()

@@ -198,8 +198,9 @@ class Discriminator(lightning.LightningModule):
         raise KeyError(f"discriminator batch has keys {sorted(batch)}; expected chosen/rejected or inputs/desirable")
 
     def on_fit_start(self) -> None:
-        # from_pretrained returns the encoder in eval mode and Lightning keeps submodules' modes: train with dropout.
-        self.model.train()
+        # from_pretrained returns the encoder in eval mode (and scoring before training leaves it so), while
+        # Lightning keeps submodules' modes: train with dropout.
+        self.train()
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
         expected = "chosen" if self.hparams.objective == "pairs" else "desirable"

@@ -69,7 +69,7 @@ class Generator(L.LightningModule):
     def on_fit_start(self) -> None:
         # from_pretrained returns models in eval mode and Lightning keeps submodules' modes: without this the
         # policy would train with dropout off and gradient checkpointing (train mode only) silently off.
-        self.model.train()
+        self.train()
         if self.reference is not None:
             dtype = next(p for p in self.model.parameters()).dtype
             put(self.reference, self.device, dtype if dtype.is_floating_point else None, train=False)

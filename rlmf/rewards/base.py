@@ -163,5 +163,6 @@ def place(model: torch.nn.Module, placement: Placement, torch_dtype: Optional[st
 @contextlib.contextmanager
 def keep_rng(device: torch.device) -> Iterator[None]:
     """Leave torch's global RNG state as it was (``rlmf.generation.generate`` reseeds it for every batch)."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
         yield
