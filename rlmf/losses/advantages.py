@@ -53,12 +53,13 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, ep
         out  = (x - mean) / sqrt(var + eps)            (+ mean again when shift_mean=False)
 
     The statistics pool every masked token of the batch (not one row at a time), as PPO's advantage
-    normalisation does. The variance is the unbiased one (Bessel's correction, divisor ``n - 1``): it is the
-    estimator PPO implementations have whitened advantages with, and the one TRL 1.16 uses for every reward and
-    advantage standard deviation (``trl.trainer.utils.nanstd``); with thousands of tokens per batch the choice is
-    immaterial, with a handful it keeps small batches from being over-scaled. With ``n <= 1`` there is no spread to
-    estimate: the variance is taken as 0, so a single token whitens to 0 (and to its own value with
-    ``shift_mean=False``). ``eps`` (default 1e-8) keeps a constant batch finite.
+    normalisation does. The variance is the unbiased one (Bessel's correction, divisor ``n - 1``), the estimator
+    TRL 1.16 uses for every reward and advantage standard deviation (``trl.trainer.utils.nanstd``), so whitened
+    and group-normalised quantities here share one convention; the population variance (divisor ``n``) that some
+    PPO code uses differs by a factor ``n / (n - 1)``, immaterial at the thousands of tokens of a batch. With
+    ``n <= 1`` there is no spread to estimate: the variance is taken as 0, so a single token whitens to 0 (and to
+    its own value with ``shift_mean=False``). ``eps`` (default 1e-8, inside the square root) keeps a constant batch
+    finite.
 
     ``shift_mean=False`` rescales without centring: the mean is added back after dividing, so the output keeps the
     input's mean (what PPO uses for rewards, whose sign carries meaning). Entries outside ``mask`` come back as 0.
@@ -155,7 +156,7 @@ def gae(
     return advantages, returns
 
 
-def _grouped(name: str, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+def as_groups(name: str, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """``rewards`` ([B * G] or [B, G]) viewed as ``[B, G]``, after checking the shape against ``group_size``."""
     if group_size < 1:
         raise ValueError(f"{name}: group_size={group_size} must be >= 1")
@@ -194,7 +195,7 @@ def group_advantages(
     """
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"group_advantages: scale_rewards={scale_rewards!r} is not one of {SCALE_REWARDS}")
-    grouped = _grouped("group_advantages", rewards, group_size)
+    grouped = as_groups("group_advantages", rewards, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if scale_rewards == "none":
         return centred.reshape(rewards.shape)
@@ -222,6 +223,6 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
             f"rloo_advantages: group_size={group_size} must be >= 2 (the leave-one-out baseline of a completion is "
             "the mean reward of the other completions of its prompt)"
         )
-    grouped = _grouped("rloo_advantages", rewards, group_size)
+    grouped = as_groups("rloo_advantages", rewards, group_size)
     others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
     return (grouped - others_mean).reshape(rewards.shape)

@@ -29,7 +29,7 @@ import torch
 
 from rlmf.losses import LossResult
 from rlmf.losses._common import check_batch, check_fraction
-from rlmf.losses.advantages import _grouped, kl_penalty, masked_mean, token_mask
+from rlmf.losses.advantages import as_groups, kl_penalty, masked_mean, token_mask
 
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
@@ -303,7 +303,7 @@ def drop_uniform_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
     Shapes: ``rewards`` ``[B * G]`` or ``[B, G]``; returns ``[B]`` (one entry per prompt).
     """
-    grouped = _grouped("drop_uniform_groups", rewards, group_size)
+    grouped = as_groups("drop_uniform_groups", rewards, group_size)
     return grouped.amax(dim=1) != grouped.amin(dim=1)
 
 
