@@ -159,6 +159,7 @@ class Config:
     task: Any = MISSING
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    reward: Any = None  # what ranks the round's samples (rlmf.rewards): the discriminator, a classifier, a judge...
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -172,6 +173,9 @@ def register_configs() -> None:
     # Schemas live in their own group so they are not listed as task options; each task yaml extends one.
     cs.store(group="task/schema", name="persona_email", node=PersonaEmailTaskConfig)
     cs.store(group="task/schema", name="preference_files", node=PreferenceFilesTaskConfig)
+    from rlmf.rewards.schema import register_schemas  # here: rlmf.rewards imports ConfigError from this module
+
+    register_schemas(cs)
 
 
 class ConfigError(ValueError):
@@ -231,3 +235,7 @@ def validate(cfg: DictConfig) -> None:
                           "precomputed or lora")
     if cfg.task.name == "preference_files":
         _choice("task.on_bad_row", cfg.task.on_bad_row, ("error", "skip"))
+    if cfg.get("reward") is not None:
+        from rlmf.rewards import validate_reward_config
+
+        validate_reward_config(cfg.reward, static=True)

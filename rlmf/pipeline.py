@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlmf.config import STAGES
+from rlmf.config import STAGES, ConfigError
 from rlmf.files import write_atomic
 from rlmf.generation import generate, stop_token_ids
 from rlmf.logprobs import check_logprobs_match_forward
@@ -72,6 +72,18 @@ class Run:
                                           gradient_checkpointing=g.gradient_checkpointing)
         check_logprobs_match_forward(model)
         return self.placement.put(model), tokenizer
+
+    def load_reward(self):
+        """The reward that ranks this round's samples (``reward=``), on the run's placement."""
+        from rlmf.rewards import build_reward
+
+        if self.cfg.reward is None:
+            raise ConfigError("reward is null: choose one of the conf/reward options (reward=discriminator, ...)")
+        found = self.finished_dir("discriminator")
+        context = {"discriminator_path": found / "model"} if found is not None else {}
+        if not self.uses_files:
+            context["world"] = self.world
+        return build_reward(self.cfg.reward, self.placement, **context)
 
     def load_discriminator(self, path: Path):
         from rlmf.modules.discriminator import Discriminator
@@ -438,10 +450,12 @@ def stage_discriminator(run: Run) -> Dict[str, Any]:
     return metrics
 
 
-def machine_feedback(run: Run, model, tokenizer, discriminator) -> Tuple[list, list, Dict[str, float]]:
-    """One RLMF round's data: k samples per training brief, ranked by the discriminator.
+def machine_feedback(run: Run, model, tokenizer, reward) -> Tuple[list, list, Dict[str, float]]:
+    """One RLMF round's data: k samples per training brief, ranked by ``reward`` (``reward=``: the trained
+    discriminator by default, or a classifier, a judge, a function, an ensemble: :mod:`rlmf.rewards`).
 
-    Best-vs-worst becomes a preference pair; the best is a thumbs-up and the worst a thumbs-down.
+    Best-vs-worst becomes a preference pair; the best is a thumbs-up and the worst a thumbs-down. Samples the reward
+    could not score (a judge's unparseable answer) take no part in the ranking and are counted.
     """
     from rlmf.data import FeedbackExample, PreferencePair
 
@@ -449,10 +463,14 @@ def machine_feedback(run: Run, model, tokenizer, discriminator) -> Tuple[list, l
     k = t.align_samples_per_prompt
     prompts = [b.prompt for b in run.world.train[: t.align_prompts]]
     emails = sample(run, model, tokenizer, prompts, k, seed=run.cfg.seed + 4, what="RLMF round samples")
-    rewards = score(run, discriminator, [p for p in prompts for _ in range(k)], emails).view(len(prompts), k)
+    scored = reward.score_with_validity([p for p in prompts for _ in range(k)], emails)
+    rewards, valid = scored.scores.view(len(prompts), k), scored.valid.view(len(prompts), k)
     pairs, thumbs = [], []
     for i, prompt in enumerate(prompts):
-        best, worst = int(rewards[i].argmax()), int(rewards[i].argmin())
+        if int(valid[i].sum()) < 2:
+            continue
+        best = int(rewards[i].masked_fill(~valid[i], float("-inf")).argmax())
+        worst = int(rewards[i].masked_fill(~valid[i], float("inf")).argmin())
         chosen, rejected = emails[i * k + best], emails[i * k + worst]
         if chosen != rejected:
             pairs.append(PreferencePair(prompt, chosen, rejected))
@@ -462,7 +480,9 @@ def machine_feedback(run: Run, model, tokenizer, discriminator) -> Tuple[list, l
     rejected_gold = gold_reply_rates(run, [p.prompt for p in pairs], [p.rejected for p in pairs])
     stats = {"align/pairs": len(pairs), "align/sample_gold_reply_rate": sum(gold) / len(gold),
              "align/chosen_gold_reply_rate": sum(chosen_gold) / max(1, len(chosen_gold)),
-             "align/rejected_gold_reply_rate": sum(rejected_gold) / max(1, len(rejected_gold))}
+             "align/rejected_gold_reply_rate": sum(rejected_gold) / max(1, len(rejected_gold)),
+             "align/unscored_samples": int((~valid).sum()),
+             **{f"align/{name}": float(value) for name, value in scored.metrics.items()}}
     return pairs, thumbs, stats
 
 
@@ -475,9 +495,9 @@ def round_feedback(run: Run, model, tokenizer) -> Tuple[list, list, Dict[str, fl
     stats_file = out / "feedback.json"
     with main_process_first() as main:
         if main and not stats_file.exists():
-            discriminator = run.load_discriminator(run.require("discriminator") / "model")
-            pairs, thumbs, stats = machine_feedback(run, model, tokenizer, discriminator)
-            del discriminator
+            reward = run.load_reward()
+            pairs, thumbs, stats = machine_feedback(run, model, tokenizer, reward)
+            del reward
             write_jsonl(out / "pairs.jsonl", pairs)
             write_jsonl(out / "thumbs.jsonl", thumbs)
             write_atomic(stats_file, json.dumps(stats))  # last: its presence means the round's data is whole

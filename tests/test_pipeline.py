@@ -206,3 +206,22 @@ def test_chat_rows_go_through_the_checkpoint_chat_template(compose, tmp_path, ti
                for t in rendered), "prompts rendered with the template"
     assert any(t.startswith("Thanks, order") and "<|im_end|>" in t for t in rendered), "completions too"
     assert not any("Human:" in t for t in rendered), "no HH rendering with a chat template"
+
+
+def test_the_round_ranks_samples_with_any_reward(compose, tmp_path):
+    """reward= picks what ranks the RLMF round's samples: here an ensemble of the trained discriminator and the
+    persona-email oracle (a function reward); each member's statistics reach the summary."""
+    base = tmp_path / "base"
+    run_job(compose("experiment=quick", "stage.stages=[sft,feedback,discriminator]"), base)
+    summary = run_job(compose("experiment=quick", "stage.stages=[align]", f"stage.from_run={base}",
+                              "reward=ensemble"), tmp_path / "ensemble")
+    assert summary["align/pairs"] > 0 and summary["align/unscored_samples"] == 0
+    assert {"align/rewards/discriminator/mean", "align/rewards/gold/mean"} <= set(summary)
+
+
+def test_a_reward_missing_its_model_fails_before_any_work(compose, tmp_path):
+    from rlmf.config import ConfigError
+
+    with pytest.raises(ConfigError, match="name_or_path"):
+        run_job(compose("experiment=quick", "reward=classifier"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -147,6 +147,7 @@ class JudgeReward(Reward):
                                     "template; set chat_template to null or false")
         self.use_chat_template = has_template if chat_template is None else bool(chat_template)
         self.last_answers: List[str] = []
+        self._call_batch_size: Optional[int] = None  # the batch_size of the score call under way
         self.comparisons = 0  # pairwise: comparisons made, and how many got no usable answer, over every call
         self.invalid_comparisons = 0
 
@@ -161,7 +162,8 @@ class JudgeReward(Reward):
                 for t in texts]
         with keep_rng(self.placement.device), self.placement.inference():
             return generate(self.model, self.tokenizer, rows, max_new_tokens=self.max_new_tokens, do_sample=False,
-                            batch_size=self.batch_size, max_prompt_length=self.max_prompt_length)
+                            batch_size=self._call_batch_size or self.batch_size,
+                            max_prompt_length=self.max_prompt_length)
 
     def ask(self, texts: List[str]) -> List[str]:
         answers = list(self._decode(list(texts)))
@@ -243,6 +245,10 @@ class JudgeReward(Reward):
     # -- the reward --------------------------------------------------------------------------------------------
 
     def _score(self, prompts, completions, batch_size):
-        if self.mode == "pointwise":
-            return self._pointwise(prompts, completions)
-        return self._round_robin(prompts, completions)
+        self._call_batch_size = batch_size
+        try:
+            if self.mode == "pointwise":
+                return self._pointwise(prompts, completions)
+            return self._round_robin(prompts, completions)
+        finally:
+            self._call_batch_size = None
