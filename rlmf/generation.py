@@ -35,12 +35,13 @@ def stop_token_ids(model: nn.Module, tokenizer=None) -> List[int]:
 def policy_generation_config(*, do_sample: bool, temperature: float, max_new_tokens: int, stop_ids: Sequence[int],
                              pad_token_id: Optional[int], num_return_sequences: int = 1) -> GenerationConfig:
     """A generation config that samples from ``softmax(logits / temperature)`` and nothing else (or greedy)."""
-    sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if do_sample else dict(
-        do_sample=False)
+    # Sampling filters are stated only when sampling: transformers warns about them on a greedy call.
+    sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0, typical_p=1.0, min_p=0.0,
+                    epsilon_cutoff=0.0, eta_cutoff=0.0) if do_sample else dict(do_sample=False)
     return GenerationConfig(
         **sampling, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences, num_beams=1,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, typical_p=1.0, min_p=0.0,
-        epsilon_cutoff=0.0, eta_cutoff=0.0, encoder_repetition_penalty=1.0, renormalize_logits=False,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, encoder_repetition_penalty=1.0,
+        renormalize_logits=False,
         eos_token_id=list(stop_ids), pad_token_id=pad_token_id, bos_token_id=None, forced_bos_token_id=None,
         forced_eos_token_id=None, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
         sequence_bias=None, exponential_decay_length_penalty=None, guidance_scale=None, watermarking_config=None)

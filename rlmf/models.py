@@ -79,8 +79,18 @@ def load_generator(name_or_path: str | Path, *, torch_dtype: Optional[str] = Non
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model, tokenizer
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """The model's own non-reentrant activation (gradient) checkpointing, under its name in this transformers
+    version (``activation_checkpointing_enable`` from 5.2x, ``gradient_checkpointing_enable`` before)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def save_generator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, directory: str | Path) -> Path:
