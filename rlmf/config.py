@@ -110,11 +110,31 @@ class DiscriminatorConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """Rollouts and advantages of the online algorithms (``algo=grpo``, ``algo=rloo``; :mod:`rlmf.modules.online`).
+
+    Each training batch of ``algo.optim.batch_size`` prompts is sampled ``num_generations`` times, scored by the
+    run's ``reward=``, and trained on for ``num_iterations`` passes in minibatches of ``minibatch_size`` completions
+    (null: the whole rollout at once), one optimiser step per minibatch. The objective's own hyperparameters (clip
+    range, GRPO's beta) are in ``algo.loss``.
+    """
+
+    num_generations: int = 4  # completions per prompt (the group); at least 2
+    num_iterations: int = 1  # optimisation passes over each rollout (PPO epochs; >1 makes the clip matter)
+    minibatch_size: Optional[int] = None  # completions per optimiser step; null: the whole rollout
+    temperature: Optional[float] = None  # sampling (and scoring) temperature; null: generator.temperature
+    max_new_tokens: Optional[int] = None  # null: generator.max_new_tokens
+    scale_rewards: str = "group"  # grpo only: group | batch | none (rlmf.losses.advantages.group_advantages)
+    kl_coef: float = 0.05  # rloo only: reward = score - kl_coef * sum_t (logp_t - ref_t) (rloo_rewards)
+
+
+@dataclass
 class AlgoConfig:
     name: str = "dpo"  # a key of rlmf.losses.LOSSES
     reference: str = "frozen"  # frozen | precomputed | lora | none
     loss: Dict[str, Any] = field(default_factory=dict)  # the loss's keyword hyperparameters
     online_samples: int = 4  # HyPO: k completions sampled per prompt for the KL term
+    online: OnlineConfig = field(default_factory=OnlineConfig)  # grpo, rloo: rollout and advantage settings
     lora_rank: int = 8
     reference_cache_dir: str = ".cache/rlmf/reference_logps"  # algo.reference=precomputed caches here
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, max_steps=60, batch_size=8))
@@ -233,6 +253,22 @@ def validate(cfg: DictConfig) -> None:
     if get_loss(cfg.algo.name).requires_reference and cfg.algo.reference == "none":
         raise ConfigError(f"loss {cfg.algo.name!r} needs reference log-probs: set algo.reference to frozen, "
                           "precomputed or lora")
+    if get_loss(cfg.algo.name).data_format == "online":
+        o = cfg.algo.online
+        if o.num_generations < 2:
+            raise ConfigError(f"algo.online.num_generations={o.num_generations} must be at least 2: {cfg.algo.name} "
+                              "compares each completion with the other completions of its prompt")
+        if o.num_iterations < 1:
+            raise ConfigError(f"algo.online.num_iterations={o.num_iterations} must be at least 1")
+        if o.minibatch_size is not None and o.minibatch_size < 1:
+            raise ConfigError(f"algo.online.minibatch_size={o.minibatch_size} must be at least 1, or null")
+        _choice("algo.online.scale_rewards", o.scale_rewards, ("group", "batch", "none"))
+        if cfg.trainer.accumulate_grad_batches != 1:
+            raise ConfigError(f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches} does not apply "
+                              f"to {cfg.algo.name}: it steps once per minibatch of algo.online.minibatch_size")
+        if cfg.algo.reference in ("precomputed", "lora"):
+            raise ConfigError(f"algo.reference={cfg.algo.reference} does not apply to {cfg.algo.name}: its fresh "
+                              "samples are scored by a frozen copy of the starting policy (frozen or none)")
     if cfg.task.name == "preference_files":
         _choice("task.on_bad_row", cfg.task.on_bad_row, ("error", "skip"))
     if cfg.get("reward") is not None:

@@ -212,7 +212,10 @@ def slurm_environment() -> List[Any]:
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
-def make_trainer(run: Run, stage: str, max_steps: int, validate: bool = True) -> L.Trainer:
+def make_trainer(run: Run, stage: str, max_steps: int, validate: bool = True, manual_optimisation: bool = False
+                 ) -> L.Trainer:
+    """The stage's Trainer. ``manual_optimisation``: for a module that steps its optimiser itself (the online
+    generator), which clips its own gradients and does not accumulate (Lightning refuses both settings for it)."""
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
     from rlmf.modules.guard import NonFiniteGuard
@@ -230,7 +233,8 @@ def make_trainer(run: Run, stage: str, max_steps: int, validate: bool = True) ->
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
         precision=resolve_precision(t.precision, t.accelerator), max_steps=max_steps, max_epochs=-1,
-        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=1 if manual_optimisation else t.accumulate_grad_batches,
+        gradient_clip_val=None if manual_optimisation else t.gradient_clip_val,
         log_every_n_steps=min(t.log_every_n_steps, max_steps), logger=loggers or False, callbacks=callbacks,
         enable_progress_bar=t.progress_bar, enable_model_summary=False, default_root_dir=str(run.stage_dir(stage)),
         val_check_interval=t.val_check_interval or max_steps, check_val_every_n_epoch=None,
@@ -526,6 +530,8 @@ def stage_align(run: Run) -> Dict[str, Any]:
     model, tokenizer = run.load_generator(start)
     loss = get_loss(a.name)
     data_format = loss.data_format
+    if data_format == "online":
+        return align_online(run, model, tokenizer)
 
     def tokenize(pairs, thumbs):
         if data_format == "unpaired":
@@ -573,6 +579,61 @@ def stage_align(run: Run) -> Dict[str, Any]:
         if main:
             trained = module.model.merge_and_unload() if reference_mode == "lora" else module.model
             save_generator(trained, tokenizer, out / "generator")
+            mark_done(out, metrics)
+    return metrics
+
+
+def align_online(run: Run, model, tokenizer) -> Dict[str, Any]:
+    """The align stage for the online algorithms (``algo=grpo``, ``algo=rloo``): no round of offline pairs; the
+    policy samples ``algo.online.num_generations`` completions for each training prompt during training, and the
+    run's ``reward=`` scores them (:class:`rlmf.modules.online.OnlineGenerator`).
+
+    Training prompts: the first ``task.align_prompts`` training briefs, or the prompts of the file's training pairs.
+    ``algo.optim.max_steps`` (or ``max_epochs``) counts rollouts (training batches of ``algo.optim.batch_size``
+    prompts); each rollout makes ``num_iterations * ceil(rows / minibatch_size)`` optimiser steps, and
+    ``align/steps`` reports optimiser steps.
+    """
+    from rlmf.data import PromptOnly
+    from rlmf.data.collate import OnlinePromptCollator, tokenize_prompts
+    from rlmf.data.loading import RowsDataModule
+    from rlmf.modules.online import OnlineGenerator, needs_reference
+    from rlmf.reference import frozen_copy
+
+    a, g, o = run.cfg.algo, run.cfg.generator, run.cfg.algo.online
+    if run.uses_files:
+        prompts = [PromptOnly(p.prompt, p.prompt_messages) for p in run.file_pairs("train")]
+    else:
+        prompts = [PromptOnly(b.prompt) for b in run.world.train[: run.cfg.task.align_prompts]]
+    features = tokenize_prompts(prompts, tokenizer, g.max_prompt_length)
+    rows = [{**f, "prompt": p.prompt} for f, p in zip(features, prompts)]
+    reward = run.load_reward()
+    opt = a.optim
+    module = OnlineGenerator(
+        model, tokenizer, reward.score_with_validity, loss_name=a.name,
+        loss_kwargs=OmegaConf.to_container(a.loss, resolve=True),
+        reference=frozen_copy(model) if needs_reference(a.name, o.kl_coef) else None,
+        num_generations=o.num_generations, num_iterations=o.num_iterations, minibatch_size=o.minibatch_size,
+        temperature=o.temperature if o.temperature is not None else g.temperature,
+        max_new_tokens=o.max_new_tokens or g.max_new_tokens, scale_rewards=o.scale_rewards, kl_coef=o.kl_coef,
+        lr=opt.lr, weight_decay=opt.weight_decay, warmup_ratio=opt.warmup_ratio,
+        gradient_clip_val=run.cfg.trainer.gradient_clip_val, stop_token_ids=stop_token_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id, metric_prefix="align")
+    completions = min(opt.batch_size, len(rows)) * o.num_generations  # every batch is whole (drop_last)
+    updates = o.num_iterations * math.ceil(completions / (o.minibatch_size or completions))  # per rollout
+    data = RowsDataModule(rows, [], OnlinePromptCollator(tokenizer.pad_token_id), opt.batch_size, seed=run.cfg.seed,
+                          num_workers=run.cfg.trainer.num_workers, steps_per_batch=updates)
+    rollouts = optimiser_steps(run, opt, data.batches_per_epoch())
+    steps = rollouts * updates
+    trainer = make_trainer(run, "align", steps, validate=False, manual_optimisation=True)
+    fit(trainer, module, "align", datamodule=data, ckpt_path=resume_checkpoint(run, "align"))
+    metrics = {"align/steps": steps, "align/rollouts": rollouts, "align/prompts": len(rows),
+               **{k: float(v) for k, v in trainer.callback_metrics.items()
+                  if k in ("align/train/reward", "align/train/kl", "align/train/invalid_rewards")}}
+    del reward
+    out = run.stage_dir("align")
+    with main_process_first() as main:
+        if main:
+            save_generator(module.model, tokenizer, out / "generator")
             mark_done(out, metrics)
     return metrics
 

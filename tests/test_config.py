@@ -79,6 +79,19 @@ def test_semantic_errors_name_the_key_and_the_choices(compose, monkeypatch):
         validate(compose("generator.logprob_backend=triton", "trainer.accelerator=cpu"))
 
 
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_online_algorithms_need_a_group_of_two(compose, algo):
+    validate(compose(f"algo={algo}"))
+    with pytest.raises(ConfigError, match=r"algo.online.num_generations=1 must be at least 2"):
+        validate(compose(f"algo={algo}", "algo.online.num_generations=1"))
+    with pytest.raises(ConfigError, match=r"algo.online.scale_rewards='mean'.*group"):
+        validate(compose(f"algo={algo}", "algo.online.scale_rewards=mean"))
+    with pytest.raises(ConfigError, match=r"algo.reference=precomputed does not apply"):
+        validate(compose(f"algo={algo}", "algo.reference=precomputed"))
+    with pytest.raises(ConfigError, match=r"trainer.accumulate_grad_batches=2 does not apply"):
+        validate(compose(f"algo={algo}", "trainer.accumulate_grad_batches=2"))
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "rlmf.train", *args], capture_output=True, text=True, timeout=120)
 

@@ -225,3 +225,15 @@ def test_a_reward_missing_its_model_fails_before_any_work(compose, tmp_path):
     with pytest.raises(ConfigError, match="name_or_path"):
         run_job(compose("experiment=quick", "reward=classifier"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_online_algorithms_run_the_main_job(compose, tmp_path, algo):
+    """algo=grpo / algo=rloo: the align stage samples, the trained discriminator scores, the policy updates."""
+    summary = run_job(compose("experiment=quick", f"algo={algo}"), tmp_path / "run")
+    for key in ("gold/reply_rate/aligned", "kl/aligned", "align/steps", "align/train/reward"):
+        assert key in summary, key
+    assert "align/pairs" not in summary, "online algorithms make no offline round of pairs"
+    assert summary["align/steps"] == 4  # algo.optim.max_steps rollouts x 1 iteration x 1 minibatch
+    assert (tmp_path / "run" / "align" / "generator" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / "align" / "pairs.jsonl").exists()

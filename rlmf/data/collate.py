@@ -449,3 +449,17 @@ class PromptCollator:
             "input_ids": _pad(prompts, self.pad_token_id, left=True),
             "attention_mask": _pad([[1] * len(p) for p in prompts], 0, left=True),
         }
+
+
+class OnlinePromptCollator:
+    """Collate ``{"prompt_ids", "prompt"}`` features (:func:`tokenize_prompts` plus the prompt's text) for the online
+    algorithms: left-padded ``prompt_ids`` and ``prompt_mask`` ``[B, P]``, and ``prompts``, the texts (for the
+    reward)."""
+
+    def __init__(self, pad_token_id: int):
+        self.prompt_collator = PromptCollator(pad_token_id)
+
+    def __call__(self, features: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+        batch = self.prompt_collator(features)
+        return {"prompt_ids": batch["input_ids"], "prompt_mask": batch["attention_mask"],
+                "prompts": [f["prompt"] for f in features]}

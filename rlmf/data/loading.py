@@ -81,17 +81,19 @@ class EpochBatchSampler(Sampler[List[int]]):
         return len(self.epoch_batches(self.epoch))
 
 
-def training_progress(trainer: Optional[L.Trainer]) -> Optional[Progress]:
+def training_progress(trainer: Optional[L.Trainer], steps_per_batch: int = 1) -> Optional[Progress]:
     """``(batches per epoch) -> (epoch, batches trained on in it)`` from ``trainer.global_step`` (restored from a
     checkpoint): an epoch takes ``ceil(batches / accumulate_grad_batches)`` optimiser steps, each of
-    ``accumulate_grad_batches`` batches. Checkpoints are taken at optimiser-step boundaries."""
+    ``accumulate_grad_batches`` batches. Checkpoints are taken at optimiser-step boundaries. A module that makes
+    ``steps_per_batch`` optimiser steps of each batch (the online generator's updates per rollout) is checkpointed
+    between batches, so its ``global_step`` is a multiple of that."""
     if trainer is None:
         return None
 
     def progress(batches_per_epoch: int) -> Tuple[int, int]:
         accumulate = trainer.accumulate_grad_batches
         steps_per_epoch = max(1, math.ceil(batches_per_epoch / accumulate))
-        epoch, steps = divmod(trainer.global_step, steps_per_epoch)
+        epoch, steps = divmod(trainer.global_step // steps_per_batch, steps_per_epoch)
         return epoch, steps * accumulate
 
     return progress
@@ -118,8 +120,10 @@ class RowsDataModule(L.LightningDataModule):
 
     def __init__(self, train: Sequence[Any], validation: Sequence[Any], collate: Callable, batch_size: int,
                  seed: int = 0, num_workers: int = 0, val_collate: Optional[Callable] = None,
-                 lengths: Optional[Sequence[int]] = None, val_lengths: Optional[Sequence[int]] = None):
+                 lengths: Optional[Sequence[int]] = None, val_lengths: Optional[Sequence[int]] = None,
+                 steps_per_batch: int = 1):
         super().__init__()
+        self.steps_per_batch = steps_per_batch  # optimiser steps the module makes of each batch (training_progress)
         self.train_rows, self.val_rows = list(train), list(validation)
         self.collate, self.val_collate = collate, val_collate or collate
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
@@ -144,7 +148,7 @@ class RowsDataModule(L.LightningDataModule):
         rank, world = self._rank()
         sampler = EpochBatchSampler(len(self.train_rows), self.batch_size, self.seed, shuffle=True,
                                     drop_last=self._drop_last(), lengths=self.lengths, rank=rank, world_size=world,
-                                    progress=training_progress(self.trainer))
+                                    progress=training_progress(self.trainer, self.steps_per_batch))
         return self._loader(self.train_rows, sampler, self.collate)
 
     def val_dataloader(self) -> DataLoader:

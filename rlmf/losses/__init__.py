@@ -13,7 +13,7 @@ from typing import Callable, Dict
 
 import torch
 
-DATA_FORMATS = ("sft", "paired", "unpaired", "paired_online")
+DATA_FORMATS = ("sft", "paired", "unpaired", "paired_online", "online")
 
 
 @dataclass
@@ -83,6 +83,7 @@ from rlmf.losses import (  # noqa: E402,F401  (registration side effects)
     hypo,
     kto,
     orpo,
+    policy_gradient,
     sft,
     simpo,
 )

@@ -1,7 +1,8 @@
 """Online-RL objectives: PPO, GRPO (and its DAPO / Dr. GRPO variants) and RLOO, as pure functions over log-probs.
 
-Not registered in ``LOSSES`` yet: they consume rollouts (sampled completions, their rewards and the log-probs of
-the policy that sampled them), which the offline data formats do not carry. Each returns a
+GRPO and RLOO are registered in ``LOSSES`` (as ``grpo`` and ``rloo``, data format ``online``: they consume rollouts,
+sampled completions with their advantages and the log-probs of the policy that sampled them; see the end of this
+module). Each returns a
 :class:`~rlmf.losses.LossResult` with detached scalar metrics.
 
 Token-level inputs are ``[B, T]`` with a ``mask`` ``[B, T]`` of completion tokens (bool, or 0/1 of any dtype; see
@@ -27,7 +28,7 @@ from typing import Dict, Optional
 
 import torch
 
-from rlmf.losses import LossResult
+from rlmf.losses import LossResult, register_loss
 from rlmf.losses._common import check_batch, check_fraction
 from rlmf.losses.advantages import as_groups, kl_penalty, masked_mean, token_mask
 
@@ -361,3 +362,63 @@ def rloo_loss(
     ratio = torch.exp(sequence_logps - old_sequence_logps)
     per_sequence, low, high = _clipped_surrogate(ratio, advantages.to(ratio.dtype), eps, eps_high)
     return LossResult(loss=per_sequence.mean(), metrics=_clip_metrics(low, high, None, ratio.dtype))
+
+
+# ------------------------------------------------------------------------------- registered online objectives
+#
+# The ``online`` data format: a rollout of sampled completions, token-level ``[B, T]`` log-probs with a completion
+# ``mask``, and one advantage per completion computed from the rollout's rewards by the trainer
+# (:mod:`rlmf.modules.online`; group-relative for GRPO, leave-one-out for RLOO). Rollout settings and the advantage
+# settings (``scale_rewards``, ``kl_coef``) live in ``algo.online``; what the objective itself takes is below.
+
+
+@register_loss("grpo", data="online", reference=True)
+def grpo(
+    policy_logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float = 0.04,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+) -> LossResult:
+    """GRPO on a rollout: the clipped token-level surrogate with the completion's group-relative advantage.
+
+        loss = 1/B sum_i 1/|o_i| sum_t [-min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) + beta * k3_t]
+
+    Shao et al. 2024, "DeepSeekMath" (eq. 3): :func:`grpo_loss` with ``loss_type="grpo"``. Defaults: beta 0.04
+    (the paper's KL coefficient), eps_low = eps_high = 0.2.
+
+    Inputs: ``policy_logps`` (carries gradient), ``old_logps`` (the sampling policy's), ``reference_logps``,
+    ``mask`` ``[B, T]``; ``advantages`` ``[B]``. Metrics: ``kl`` (token mean of k3) and ``clip_ratio/*``.
+    """
+    return grpo_loss(policy_logps, old_logps, advantages, mask, reference_logps, beta=beta, eps_low=eps_low,
+                     eps_high=eps_high, loss_type="grpo")
+
+
+@register_loss("rloo", data="online", reference=False)
+def rloo(
+    policy_logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps: float = 0.2,
+    eps_high: float = 0.2,
+) -> LossResult:
+    """RLOO on a rollout: one clipped ratio per completion, of its log-probs summed over the ``mask``.
+
+        loss = mean_i -min(r_i A_i, clip(r_i, 1 - eps, 1 + eps_high) A_i)       r_i = exp(sum_t logp_t - sum_t old_t)
+
+    Ahmadian et al. 2024, "Back to Basics" (:func:`rloo_loss`). The KL to the reference is in the advantages, not
+    here (``algo.online.kl_coef`` through :func:`rloo_rewards`), so the objective itself needs no reference.
+    Defaults: eps = eps_high = 0.2.
+
+    Inputs: ``policy_logps``, ``old_logps``, ``mask`` ``[B, T]``; ``advantages`` ``[B]``. Metrics: ``clip_ratio/*``.
+    """
+    mask = token_mask("rloo", mask, policy_logps=policy_logps, old_logps=old_logps)
+    zero = torch.zeros((), dtype=policy_logps.dtype, device=policy_logps.device)
+    return rloo_loss(torch.where(mask, policy_logps, zero).sum(-1), torch.where(mask, old_logps, zero).sum(-1),
+                     advantages, eps=eps, eps_high=eps_high)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlmf.losses import loss_inputs
+from rlmf.losses import get_loss, loss_inputs
 
 
 def _make_inputs(
@@ -36,6 +36,14 @@ def _make_inputs(
         noise = torch.rand(shape or (batch_size,), generator=g, dtype=torch.float64).to(dtype)
         per_token = per_token_scale * (0.2 + 1.6 * noise)
         return -(n if shape is None else n[:, None]) * per_token
+
+    if get_loss(name).data_format == "online":  # a rollout: token-level [B, T] log-probs, one advantage per row
+        mask = torch.arange(max_length)[None] < length("chosen")[:, None]
+        logps = -per_token_scale * (0.2 + 1.6 * torch.rand((batch_size, max_length), generator=g, dtype=torch.float64))
+        rollout = {"policy_logps": logps, "old_logps": logps + 0.1 * torch.randn(logps.shape, generator=g, dtype=torch.float64),
+                   "reference_logps": logps + 0.5 * torch.randn(logps.shape, generator=g, dtype=torch.float64),
+                   "advantages": torch.randn(batch_size, generator=g, dtype=torch.float64), "mask": mask}
+        return {k: rollout[k].to(dtype) if k != "mask" else mask for k in loss_inputs(name)}
 
     inputs = {}
     for input_name in loss_inputs(name):

@@ -31,12 +31,15 @@ EXPECTED = {
     "apo_down": ("paired", True, set()),
     "apo_zero_unpaired": ("unpaired", True, set()),
     "hypo": ("paired_online", True, {"kl"}),
+    "grpo": ("online", True, {"kl", "clip_ratio/region_mean"}),
+    "rloo": ("online", False, {"clip_ratio/region_mean"}),
 }
 REWARD_METRICS = {
     "sft": set(),
     "paired": {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"},
     "paired_online": {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"},
     "unpaired": {"rewards/chosen", "rewards/rejected", "rewards/margins"},
+    "online": set(),
 }
 ALL_LOSSES = sorted(LOSSES)
 
@@ -142,6 +145,8 @@ def test_algo_config_mirrors_the_function(name):
     cfg = OmegaConf.to_container(OmegaConf.load(path))
     assert cfg["name"] == name
     allowed_keys = {"name", "reference", "loss"} | ({"online_samples"} if name == "hypo" else set())
+    if get_loss(name).data_format == "online":
+        allowed_keys |= {"online"}  # rollout and advantage settings (AlgoConfig.online)
     assert set(cfg) == allowed_keys
     assert cfg["loss"] == loss_hyperparameters(name), "loss: must list exactly the keyword-only defaults"
     if get_loss(name).requires_reference:

@@ -1,0 +1,64 @@
+"""Rollouts of the online algorithms: completions sampled from the policy, as labelled rows with their log-probs.
+
+:func:`rollout` is the one place the online loop samples (:mod:`rlmf.modules.online`): the policy samples
+``num_generations`` completions per left-padded prompt exactly as it defines them
+(:func:`rlmf.generation.sample_tokens`: ``softmax(logits / temperature)`` and nothing else, every stop token
+honoured), and the very tokens drawn are scored again at that temperature, without gradient, for the log-probs of
+the sampling ("old") policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+from rlmf.data.collate import IGNORE_INDEX
+from rlmf.generation import sample_tokens
+from rlmf.logprobs import completion_token_logps
+
+
+@dataclass
+class Rollout:
+    """``B * G`` rows (the ``G`` completions of a prompt adjacent), all on the policy's device.
+
+    Attributes:
+        input_ids, attention_mask, labels: ``[B * G, P + L]`` left-padded prompt then completion (up to and
+            including its first stop token; padding after it), labels ``-100`` outside the completion.
+        old_logps, mask: ``[B * G, P + L - 1]`` per-token log-probs of the labelled tokens under the sampling policy
+            at the sampling temperature (no gradient) and the mask of those tokens (:func:`completion_token_logps`).
+        lengths: ``[B * G]`` completion token counts; ``clipped``: ``[B * G]`` bool, True where no stop token came
+            before ``max_new_tokens``.
+        texts: the completions decoded (special tokens skipped), for the reward.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    old_logps: torch.Tensor
+    mask: torch.Tensor
+    lengths: torch.Tensor
+    clipped: torch.Tensor
+    texts: List[str]
+
+
+@torch.no_grad()
+def rollout(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_generations: int,
+            temperature: float, max_new_tokens: int, stop_ids: Sequence[int], pad_token_id: int) -> Rollout:
+    """``num_generations`` completions of each left-padded prompt ``[B, P]`` (on the model's device) from ``model``."""
+    tokens, keep = sample_tokens(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
+                                 temperature=temperature, stop_ids=stop_ids, pad_token_id=pad_token_id,
+                                 num_return_sequences=num_generations)
+    prompt_ids = prompt_ids.repeat_interleave(num_generations, 0)
+    prompt_mask = prompt_mask.repeat_interleave(num_generations, 0)
+    input_ids = torch.cat([prompt_ids, tokens.masked_fill(~keep, pad_token_id)], 1)
+    attention_mask = torch.cat([prompt_mask, keep.to(prompt_mask.dtype)], 1)
+    labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), tokens.masked_fill(~keep, IGNORE_INDEX)], 1)
+    old_logps, mask = completion_token_logps(model, input_ids, attention_mask, labels, temperature=temperature)
+    stopped = (torch.isin(tokens, torch.tensor(list(stop_ids), device=tokens.device)) & keep).any(-1)
+    lengths = keep.sum(-1)
+    texts = tokenizer.batch_decode([row[: int(n)] for row, n in zip(tokens.tolist(), lengths.tolist())],
+                                   skip_special_tokens=True)
+    return Rollout(input_ids, attention_mask, labels, old_logps.detach(), mask, lengths, ~stopped, texts)

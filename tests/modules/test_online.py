@@ -1,0 +1,139 @@
+"""The online algorithms (grpo, rloo): rollouts sample the policy and keep its log-probs; one OnlineGenerator step
+samples, scores, updates the parameters and logs TRL's metrics; completions the reward cannot score are counted."""
+
+import lightning as L
+import pytest
+import torch
+
+from rlmf.data.collate import OnlinePromptCollator, tokenize_prompts
+from rlmf.data.formats import PromptOnly
+from rlmf.data.loading import RowsDataModule
+from rlmf.feedback.rollouts import rollout
+from rlmf.generation import stop_token_ids
+from rlmf.logprobs import completion_token_logps
+from rlmf.models import build_tiny_generator, train_tokenizer
+from rlmf.modules.online import OnlineGenerator
+from rlmf.reference import frozen_copy
+from rlmf.rewards import RewardResult
+from rlmf.tasks.persona_email import build_world, corpus_texts
+
+
+@pytest.fixture(scope="module")
+def setup():
+    world = build_world(seed=0, num_prospects=40)
+    tokenizer = train_tokenizer(corpus_texts(world), vocab_size=300)
+    prompts = [b.prompt for b in world.train[:4]]
+    return tokenizer, prompts
+
+
+def tiny_model(tokenizer):
+    return build_tiny_generator(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                                max_position_embeddings=320, seed=0)
+
+
+def prompt_rows(tokenizer, prompts):
+    features = tokenize_prompts([PromptOnly(p) for p in prompts], tokenizer, 96)
+    return [{**f, "prompt": p} for f, p in zip(features, prompts)]
+
+
+def length_reward(prompts, completions):
+    """A stub reward: the completion's length in characters."""
+    scores = torch.tensor([float(len(c)) for c in completions])
+    return RewardResult(scores, torch.ones(len(completions), dtype=torch.bool), {"rewards/length/mean": 1.0})
+
+
+def test_rollout_rows_and_old_logps(setup):
+    tokenizer, prompts = setup
+    model = tiny_model(tokenizer)
+    batch = OnlinePromptCollator(tokenizer.pad_token_id)(prompt_rows(tokenizer, prompts[:2]))
+    torch.manual_seed(0)
+    rows = rollout(model, tokenizer, batch["prompt_ids"], batch["prompt_mask"], num_generations=3, temperature=0.7,
+                   max_new_tokens=12, stop_ids=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
+    n, width = rows.input_ids.shape
+    assert n == 6 and rows.attention_mask.shape == rows.labels.shape == (n, width)
+    assert rows.old_logps.shape == rows.mask.shape == (n, width - 1) and not rows.old_logps.requires_grad
+    assert len(rows.texts) == n and rows.lengths.shape == rows.clipped.shape == (n,)
+    assert torch.equal(rows.mask.sum(-1), rows.lengths)
+    assert bool((rows.lengths <= 12).all())
+    expected, mask = completion_token_logps(model, rows.input_ids, rows.attention_mask, rows.labels, temperature=0.7)
+    assert torch.equal(mask, rows.mask)
+    torch.testing.assert_close(rows.old_logps, expected.detach())
+    # The prompt part is the prompt repeated per generation, left-padded.
+    assert torch.equal(rows.input_ids[:3, : batch["prompt_ids"].shape[1]], batch["prompt_ids"][:1].expand(3, -1))
+
+
+def _fit(tokenizer, prompts, name, reward, tmp_path, **kwargs):
+    model = tiny_model(tokenizer)
+    reference = frozen_copy(model)
+    module = OnlineGenerator(model, tokenizer, reward, loss_name=name, reference=reference, num_generations=3,
+                             max_new_tokens=10, lr=1e-2, stop_token_ids=stop_token_ids(model, tokenizer),
+                             pad_token_id=tokenizer.pad_token_id, **kwargs)
+    logged = {}
+    original = module.log
+    module.log = lambda key, value, *a, **k: (logged.__setitem__(key, value), original(key, value, *a, **k))
+    before = [p.detach().clone() for p in model.parameters()]
+    data = RowsDataModule(prompt_rows(tokenizer, prompts), [], OnlinePromptCollator(tokenizer.pad_token_id),
+                          batch_size=2)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0,
+                        accelerator="cpu")
+    trainer.fit(module, datamodule=data)
+    changed = any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    return module, trainer, logged, changed
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo"])
+def test_one_training_step_updates_the_policy_and_logs_trl_metrics(setup, name, tmp_path):
+    tokenizer, prompts = setup
+    module, trainer, logged, changed = _fit(tokenizer, prompts, name, length_reward, tmp_path,
+                                            num_iterations=2, minibatch_size=3)
+    assert changed, "no parameter moved"
+    # global_step counts optimiser steps: one rollout of 2 x 3 rows gives 2 iterations x 2 minibatches of 3; the
+    # trainer checks max_steps=2 between training steps (the pipeline makes max_steps a multiple of this).
+    assert trainer.global_step == 4
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
+                "completions/clipped_ratio", "loss/policy", "kl", "clip_ratio/region_mean", "invalid_rewards",
+                "rewards/length/mean"):
+        assert f"align/train/{key}" in logged, key
+        assert torch.isfinite(torch.as_tensor(logged[f"align/train/{key}"])), key
+    assert float(logged["align/train/invalid_rewards"]) == 0
+    assert module.state_dict().keys() == {f"model.{k}" for k in module.model.state_dict()}, "checkpoints: policy only"
+
+
+def test_invalid_rewards_are_counted_and_get_no_advantage(setup, tmp_path):
+    tokenizer, prompts = setup
+
+    def half_invalid(p, c):
+        scores = torch.tensor([float(len(x)) for x in c])
+        valid = torch.arange(len(c)) % 2 == 0
+        return RewardResult(torch.where(valid, scores, torch.full_like(scores, float("nan"))), valid, {})
+
+    module, _, logged, _ = _fit(tokenizer, prompts, "grpo", half_invalid, tmp_path)
+    assert float(logged["align/train/invalid_rewards"]) == 3  # 2 prompts x 3 generations, every other one invalid
+
+    scores = torch.tensor([1.0, 5.0, 3.0, 2.0, 2.0, 9.0])
+    valid = torch.tensor([True, False, True, True, True, False])
+    rows = type("R", (), {})()
+    stats = module._advantages(torch.where(valid, scores, torch.zeros(())), valid, rows, None)
+    assert torch.equal(stats["advantages"][~valid], torch.zeros(2))
+    assert stats["advantages"][0] < 0 < stats["advantages"][2]
+
+
+def test_fewer_than_two_generations_is_refused(setup):
+    tokenizer, _ = setup
+    with pytest.raises(ValueError, match="num_generations=1"):
+        OnlineGenerator(tiny_model(tokenizer), tokenizer, length_reward, loss_name="rloo", kl_coef=0.0,
+                        num_generations=1)
+
+
+def test_resume_position_counts_rollouts_not_optimiser_steps():
+    """A resumed online fit continues with the next batch: global_step counts optimiser steps, several per batch."""
+    from types import SimpleNamespace
+
+    from rlmf.data.loading import training_progress
+
+    trainer = SimpleNamespace(accumulate_grad_batches=1, global_step=8)
+    assert training_progress(trainer, steps_per_batch=4)(3) == (0, 2)
+    trainer.global_step = 16
+    assert training_progress(trainer, steps_per_batch=4)(3) == (1, 1)
+    assert training_progress(trainer)(3) == (5, 1)
