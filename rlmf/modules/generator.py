@@ -43,6 +43,18 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], f
     return factor
 
 
+def adamw_with_cosine_schedule(module: L.LightningModule) -> Dict[str, Any]:
+    """AdamW over ``module.model``'s trainable parameters (``hparams.lr``, ``hparams.weight_decay``) and a cosine
+    schedule with ``hparams.warmup_ratio`` warm-up, stepped per optimiser step over the whole fit
+    (``trainer.estimated_stepping_batches``: bounded by max_steps or max_epochs, accumulation included)."""
+    h = module.hparams
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(int(h.warmup_ratio * total), total))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 class Generator(L.LightningModule):
     """Trains ``model`` with the loss ``loss_name`` (``sft`` or any preference loss in ``rlmf.losses.LOSSES``)."""
 
@@ -203,10 +215,4 @@ class Generator(L.LightningModule):
         return self._shared_step(batch, "val")
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        # Optimiser steps of the whole fit, whether it is bounded by max_steps or by max_epochs (and accumulation).
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = cosine_with_warmup(int(self.hparams.warmup_ratio * total), total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_cosine_schedule(self)

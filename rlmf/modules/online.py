@@ -41,7 +41,7 @@ from rlmf.logprobs import completion_token_logps
 from rlmf.losses import get_loss, loss_inputs
 from rlmf.losses.advantages import group_advantages, rloo_advantages
 from rlmf.losses.policy_gradient import rloo_rewards
-from rlmf.modules.generator import cosine_with_warmup
+from rlmf.modules.generator import adamw_with_cosine_schedule
 from rlmf.placement import put
 
 # reward(prompts, completions) -> (scores [N], valid [N]) or a rlmf.rewards.RewardResult (which also has metrics)
@@ -185,11 +185,6 @@ class OnlineGenerator(L.LightningModule):
                      on_epoch=False, batch_size=len(batch["prompts"]))
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        # Optimiser steps of the whole fit (manual optimisation: global_step counts optimizer.step() calls); the
-        # schedule is stepped after every optimiser step, in training_step.
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = cosine_with_warmup(int(self.hparams.warmup_ratio * total), total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # Manual optimisation: global_step counts optimizer.step() calls, and training_step steps the schedule
+        # after each of them.
+        return adamw_with_cosine_schedule(self)
