@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 
 # Bump when the way reference log-probs are computed changes in a way the files hashed below do not show.
 REFERENCE_CACHE_VERSION = 2
-# The code whose output the reference cache stores: the log-prob path and its kernels.
-_LOGPROB_CODE = ("logprobs.py", "kernels/dispatch.py", "kernels/logprobs_torch.py", "kernels/logprobs_hidden_triton.py",
-                 "kernels/logprobs_logits_triton.py")
+# The code whose output the reference cache stores: the log-prob path and its kernels (modules, located through the
+# import system: rlmf.kernels is installed from the repository's top-level kernels/ folder).
+_LOGPROB_CODE = ("rlmf.logprobs", "rlmf.kernels.dispatch", "rlmf.kernels.logprobs_torch",
+                 "rlmf.kernels.logprobs_hidden_triton", "rlmf.kernels.logprobs_logits_triton")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
 
 
@@ -65,12 +66,11 @@ def model_fingerprint(name_or_path: str | Path) -> str:
 
 def code_fingerprint() -> str:
     """The version of the code that computes log-probs: the cache's own version and the source files' bytes."""
-    root = Path(__file__).resolve().parent
+    import importlib.util
+
     digest = hashlib.sha256(str(REFERENCE_CACHE_VERSION).encode())
     for name in _LOGPROB_CODE:
-        candidate = root / name
-        if candidate.exists():
-            _hash_file(digest, candidate)
+        _hash_file(digest, Path(importlib.util.find_spec(name).origin))
     return digest.hexdigest()
 
 

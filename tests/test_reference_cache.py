@@ -123,3 +123,19 @@ def test_two_jobs_evaluating_one_shared_base_at_once_both_succeed_and_agree(comp
     caches = sorted((base / "sft").glob("eval-*.json"))
     assert len(caches) == 2 and all(json.loads(c.read_text()) for c in caches)
     assert not list((base / "sft").glob(".*tmp")), "no temporary file left behind"
+
+
+def test_the_code_fingerprint_covers_the_kernels():
+    """The kernels live in the repository's top-level kernels/ folder, installed as rlmf.kernels: the fingerprint
+    must read them where the import system finds them, not beside rlmf/reference.py."""
+    import importlib.util
+    from unittest import mock
+
+    read = []
+    real = rlmf.reference._hash_file
+    with mock.patch.object(rlmf.reference, "_hash_file", lambda digest, path: (read.append(path.name),
+                                                                                 real(digest, path))):
+        rlmf.reference.code_fingerprint()
+    assert {"logprobs.py", "dispatch.py", "logprobs_torch.py", "logprobs_hidden_triton.py",
+            "logprobs_logits_triton.py"} <= set(read)
+    assert importlib.util.find_spec("rlmf.kernels.dispatch").origin
