@@ -253,11 +253,11 @@ def resume_checkpoint(run: Run, stage: str) -> Optional[str]:
 # --- generator plumbing ------------------------------------------------------------------------------------------
 
 def initial_generator(run: Run):
-    """The untrained starting point: a fresh tiny Llama with a tokenizer trained on the task, or an HF model."""
+    """The untrained starting point: a fresh tiny Llama with a tokenizer trained on the task, or an HF model (loaded
+    and checked like every generator, :meth:`Run.load_generator`)."""
     g = run.cfg.generator
     if g.kind == "hf":
-        return load_generator(g.name_or_path, torch_dtype=g.torch_dtype, attn_implementation=g.attn_implementation,
-                              gradient_checkpointing=g.gradient_checkpointing)
+        return run.load_generator(g.name_or_path)
     if run.uses_files:
         texts = [x for p in run.file_pairs("train") for x in (p.prompt + p.chosen, p.prompt + p.rejected)]
     else:
@@ -266,6 +266,7 @@ def initial_generator(run: Run):
     model = build_tiny_generator(tokenizer, hidden_size=g.tiny.hidden_size, num_layers=g.tiny.num_layers,
                                  num_heads=g.tiny.num_heads, intermediate_size=g.tiny.intermediate_size,
                                  max_position_embeddings=g.tiny.max_position_embeddings, seed=run.cfg.seed)
+    check_logprobs_match_forward(model)
     return model, tokenizer
 
 
@@ -313,7 +314,6 @@ def stage_sft(run: Run) -> Dict[str, Any]:
     data = SFTDataModule(train, validation, tokenizer,
                          batch_size=opt.batch_size, max_length=g.max_length, max_prompt_length=g.max_prompt_length,
                          seed=run.cfg.seed, num_workers=run.cfg.trainer.num_workers)
-    check_logprobs_match_forward(model)
     module = Generator(model, loss_name="sft", lr=opt.lr, weight_decay=opt.weight_decay,
                        warmup_ratio=opt.warmup_ratio, metric_prefix="sft")
     steps = optimiser_steps(run, opt, data.batches_per_epoch())
