@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from rlmf.data.collate import PromptCollator, tokenize_prompts
+from rlmf.data.collate import IGNORE_INDEX, PromptCollator, tokenize_prompts
 from rlmf.data.formats import PromptOnly
 
 
@@ -72,6 +72,19 @@ def sample_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     is_stop = torch.isin(tokens, torch.tensor(list(stop_ids), device=tokens.device))
     keep = (is_stop.long().cumsum(-1) - is_stop.long()) == 0
     return tokens, keep
+
+
+def completion_rows(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor,
+                    pad_token_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampled completions of :func:`sample_tokens` (``[B * n, L]`` with ``keep``) after their left-padded
+    prompts ``[B, P]`` (each repeated ``n`` times): ``input_ids``, ``attention_mask`` and ``labels``
+    ``[B * n, P + L]``, labels -100 outside the kept completion tokens, padding after each stop token."""
+    repeats = tokens.shape[0] // prompt_ids.shape[0]
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(repeats, 0), prompt_mask.repeat_interleave(repeats, 0)
+    input_ids = torch.cat([prompt_ids, tokens.masked_fill(~keep, pad_token_id)], 1)
+    attention_mask = torch.cat([prompt_mask, keep.to(prompt_mask.dtype)], 1)
+    labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), tokens.masked_fill(~keep, IGNORE_INDEX)], 1)
+    return input_ids, attention_mask, labels
 
 
 @torch.no_grad()

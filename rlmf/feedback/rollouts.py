@@ -15,8 +15,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from rlmf.data.collate import IGNORE_INDEX
-from rlmf.generation import sample_tokens
+from rlmf.generation import completion_rows, sample_tokens
 from rlmf.logprobs import completion_token_logps
 
 
@@ -51,11 +50,7 @@ def rollout(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask: 
     tokens, keep = sample_tokens(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
                                  temperature=temperature, stop_ids=stop_ids, pad_token_id=pad_token_id,
                                  num_return_sequences=num_generations)
-    prompt_ids = prompt_ids.repeat_interleave(num_generations, 0)
-    prompt_mask = prompt_mask.repeat_interleave(num_generations, 0)
-    input_ids = torch.cat([prompt_ids, tokens.masked_fill(~keep, pad_token_id)], 1)
-    attention_mask = torch.cat([prompt_mask, keep.to(prompt_mask.dtype)], 1)
-    labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), tokens.masked_fill(~keep, IGNORE_INDEX)], 1)
+    input_ids, attention_mask, labels = completion_rows(prompt_ids, prompt_mask, tokens, keep, pad_token_id)
     old_logps, mask = completion_token_logps(model, input_ids, attention_mask, labels, temperature=temperature)
     stopped = (torch.isin(tokens, torch.tensor(list(stop_ids), device=tokens.device)) & keep).any(-1)
     lengths = keep.sum(-1)

@@ -26,8 +26,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from rlmf.data.collate import IGNORE_INDEX
-from rlmf.generation import sample_tokens
+from rlmf.generation import completion_rows, sample_tokens
 from rlmf.logprobs import completion_logps
 from rlmf.losses import get_loss, loss_inputs
 from rlmf.placement import put
@@ -118,10 +117,8 @@ class Generator(L.LightningModule):
             self.model, prompt_ids, prompt_mask, max_new_tokens=self.hparams.max_new_tokens, do_sample=True,
             temperature=self.hparams.temperature, stop_ids=self.hparams.stop_token_ids or [],
             pad_token_id=self.hparams.pad_token_id, num_return_sequences=k)
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
-        labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), tokens.masked_fill(~keep, IGNORE_INDEX)], 1)
-        return {"online_input_ids": torch.cat([prompt_ids, tokens], 1),
-                "online_attention_mask": torch.cat([prompt_mask, keep.long()], 1), "online_labels": labels}
+        rows = completion_rows(prompt_ids, prompt_mask, tokens, keep, self.hparams.pad_token_id)
+        return dict(zip(("online_input_ids", "online_attention_mask", "online_labels"), rows))
 
     # --- training -----------------------------------------------------------------------------------------------
     def _world_size(self) -> int:
