@@ -111,21 +111,27 @@ class DiscriminatorConfig:
 
 @dataclass
 class OnlineConfig:
-    """Rollouts and advantages of the online algorithms (``algo=grpo``, ``algo=rloo``; :mod:`rlmf.modules.online`).
+    """Rollouts and advantages of the online algorithms (``algo=ppo|grpo|rloo|online_dpo``; :mod:`rlmf.modules.online`).
 
     Each training batch of ``algo.optim.batch_size`` prompts is sampled ``num_generations`` times, scored by the
     run's ``reward=``, and trained on for ``num_iterations`` passes in minibatches of ``minibatch_size`` completions
     (null: the whole rollout at once), one optimiser step per minibatch. The objective's own hyperparameters (clip
-    range, GRPO's beta) are in ``algo.loss``.
+    range, GRPO's beta and loss_type, PPO's value clip) are in ``algo.loss``.
     """
 
-    num_generations: int = 4  # completions per prompt (the group); at least 2
+    num_generations: int = 4  # completions per prompt (the group); at least 2 for grpo, rloo, online_dpo
     num_iterations: int = 1  # optimisation passes over each rollout (PPO epochs; >1 makes the clip matter)
     minibatch_size: Optional[int] = None  # completions per optimiser step; null: the whole rollout
     temperature: Optional[float] = None  # sampling (and scoring) temperature; null: generator.temperature
     max_new_tokens: Optional[int] = None  # null: generator.max_new_tokens
     scale_rewards: str = "group"  # grpo only: group | batch | none (rlmf.losses.advantages.group_advantages)
-    kl_coef: float = 0.05  # rloo only: reward = score - kl_coef * sum_t (logp_t - ref_t) (rloo_rewards)
+    drop_uniform_groups: bool = False  # grpo: leave out groups whose rewards are all equal (DAPO dynamic sampling)
+    kl_coef: float = 0.05  # ppo, rloo: the KL penalty in the reward, per token (ppo) or summed (rloo)
+    kl_target: Optional[float] = None  # ppo, rloo: adapt kl_coef towards this summed KL (Ziegler et al.); null: fixed
+    kl_horizon: float = 10000.0  # the adaptive controller's horizon, in completions
+    gamma: float = 1.0  # ppo: GAE discount
+    lam: float = 0.95  # ppo: GAE lambda
+    log_completions_every: int = 10  # a table of sampled completions and rewards every N batches (W&B); 0: never
 
 
 @dataclass
@@ -134,7 +140,7 @@ class AlgoConfig:
     reference: str = "frozen"  # frozen | precomputed | lora | none
     loss: Dict[str, Any] = field(default_factory=dict)  # the loss's keyword hyperparameters
     online_samples: int = 4  # HyPO: k completions sampled per prompt for the KL term
-    online: OnlineConfig = field(default_factory=OnlineConfig)  # grpo, rloo: rollout and advantage settings
+    online: OnlineConfig = field(default_factory=OnlineConfig)  # ppo, grpo, rloo, online_dpo: rollouts
     lora_rank: int = 8
     reference_cache_dir: str = ".cache/rlmf/reference_logps"  # algo.reference=precomputed caches here
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, max_steps=60, batch_size=8))
@@ -254,24 +260,57 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"loss {cfg.algo.name!r} needs reference log-probs: set algo.reference to frozen, "
                           "precomputed or lora")
     if get_loss(cfg.algo.name).data_format == "online":
-        o = cfg.algo.online
-        if o.num_generations < 2:
-            raise ConfigError(f"algo.online.num_generations={o.num_generations} must be at least 2: {cfg.algo.name} "
-                              "compares each completion with the other completions of its prompt")
-        if o.num_iterations < 1:
-            raise ConfigError(f"algo.online.num_iterations={o.num_iterations} must be at least 1")
-        if o.minibatch_size is not None and o.minibatch_size < 1:
-            raise ConfigError(f"algo.online.minibatch_size={o.minibatch_size} must be at least 1, or null")
-        _choice("algo.online.scale_rewards", o.scale_rewards, ("group", "batch", "none"))
-        if cfg.trainer.accumulate_grad_batches != 1:
-            raise ConfigError(f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches} does not apply "
-                              f"to {cfg.algo.name}: it steps once per minibatch of algo.online.minibatch_size")
-        if cfg.algo.reference in ("precomputed", "lora"):
-            raise ConfigError(f"algo.reference={cfg.algo.reference} does not apply to {cfg.algo.name}: its fresh "
-                              "samples are scored by a frozen copy of the starting policy (frozen or none)")
+        _validate_online(cfg)
     if cfg.task.name == "preference_files":
         _choice("task.on_bad_row", cfg.task.on_bad_row, ("error", "skip"))
     if cfg.get("reward") is not None:
         from rlmf.rewards import validate_reward_config
 
         validate_reward_config(cfg.reward, static=True)
+
+
+def _validate_online(cfg: DictConfig) -> None:
+    """``algo.online`` and its interplay with the rest of the config, for the online algorithms."""
+    from rlmf.modules.online import GROUP_OBJECTIVES, KL_IN_REWARD, TARGETS
+
+    name, o = cfg.algo.name, cfg.algo.online
+    _choice("algo.name (online)", name, tuple(TARGETS))
+    if name in GROUP_OBJECTIVES and o.num_generations < 2:
+        raise ConfigError(f"algo.online.num_generations={o.num_generations} must be at least 2: {name} compares each "
+                          "completion with the other completions of its prompt")
+    if o.num_generations < 1:
+        raise ConfigError(f"algo.online.num_generations={o.num_generations} must be at least 1")
+    if o.num_iterations < 1:
+        raise ConfigError(f"algo.online.num_iterations={o.num_iterations} must be at least 1")
+    if o.minibatch_size is not None and o.minibatch_size < 1:
+        raise ConfigError(f"algo.online.minibatch_size={o.minibatch_size} must be at least 1, or null")
+    if name == "online_dpo" and o.minibatch_size is not None and o.minibatch_size % o.num_generations:
+        raise ConfigError(f"algo.online.minibatch_size={o.minibatch_size} must be a multiple of "
+                          f"algo.online.num_generations={o.num_generations} for online_dpo (a pair never spans two "
+                          "minibatches), or null")
+    _choice("algo.online.scale_rewards", o.scale_rewards, ("group", "batch", "none"))
+    if o.drop_uniform_groups and name not in GROUP_OBJECTIVES:
+        raise ConfigError(f"algo.online.drop_uniform_groups applies to the group objectives "
+                          f"({', '.join(GROUP_OBJECTIVES)}), not {name}")
+    if o.kl_target is not None:
+        if name not in KL_IN_REWARD:
+            raise ConfigError(f"algo.online.kl_target applies where the KL is in the reward ({', '.join(KL_IN_REWARD)}),"
+                              f" not {name}")
+        if o.kl_target <= 0 or o.kl_horizon <= 0 or o.kl_coef <= 0:
+            raise ConfigError(f"algo.online.kl_target={o.kl_target}, kl_horizon={o.kl_horizon} and "
+                              f"kl_coef={o.kl_coef} must all be > 0 for the adaptive KL coefficient")
+    for key in ("gamma", "lam"):
+        if not 0.0 <= o[key] <= 1.0:
+            raise ConfigError(f"algo.online.{key}={o[key]} must lie in [0, 1]")
+    if o.log_completions_every < 0:
+        raise ConfigError(f"algo.online.log_completions_every={o.log_completions_every} must be >= 0 (0: never)")
+    if name == "grpo":
+        _choice("algo.loss.loss_type", cfg.algo.loss.get("loss_type", "grpo"), ("grpo", "dapo", "dr_grpo"))
+    if name == "online_dpo":
+        _choice("algo.loss.loss_type", cfg.algo.loss.get("loss_type", "sigmoid"), ("sigmoid", "ipo"))
+    if cfg.trainer.accumulate_grad_batches != 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches} does not apply "
+                          f"to {name}: it steps once per minibatch of algo.online.minibatch_size")
+    if cfg.algo.reference in ("precomputed", "lora"):
+        raise ConfigError(f"algo.reference={cfg.algo.reference} does not apply to {name}: its fresh samples are "
+                          "scored by a frozen copy of the starting policy (frozen or none)")

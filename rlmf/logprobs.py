@@ -213,6 +213,25 @@ def _materialised_logprobs(head: nn.Module, transform: LogitTransform, hidden: t
     return torch.cat(out)
 
 
+def _labelled_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoder's last hidden states at the positions that predict a label: ``(hidden [N, H], targets [N],
+    mask [B, L-1])``, ``N = mask.sum()``; ``mask[b, t]`` is ``labels[b, t+1] != -100``."""
+    # Positions follow the mask, so a left-padded prompt is scored exactly as generate() saw it.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state                     # [B, L, H]
+    shifted = labels[:, 1:]                                                           # [B, L-1]
+    mask = shifted != IGNORE_INDEX
+    return hidden[:, :-1][mask], shifted[mask], mask
+
+
+def _scatter(mask: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """``[N]`` values back to ``[B, L-1]`` (zeros elsewhere). masked_scatter keeps the graph to ``picked``, and a
+    dense row sum is deterministic on every device, unlike an atomic index_add."""
+    return torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
+
+
 def completion_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            labels: torch.Tensor, temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the labelled tokens: ``(token_logps [B, L-1], mask [B, L-1])``.
@@ -221,18 +240,21 @@ def completion_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_
     (``labels[b, t+1] != -100``), 0 elsewhere. Inputs are ``[B, L]``; ``labels`` are aligned with ``input_ids`` and
     shifted here. Positions follow the mask (``cumsum(mask) - 1``), so left- and right-padded rows score the same.
     """
-    # Positions follow the mask, so a left-padded prompt is scored exactly as generate() saw it.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state                     # [B, L, H]
-    shifted = labels[:, 1:]                                                           # [B, L-1]
-    mask = shifted != IGNORE_INDEX
+    hidden, targets, mask = _labelled_hidden(model, input_ids, attention_mask, labels)
     # Only the labelled positions go through the head: prompts and padding cost nothing there.
-    picked = head_logprobs(model, hidden[:, :-1][mask], shifted[mask], temperature)  # [N]
-    # Back to [B, L-1] (zeros elsewhere); masked_scatter keeps the graph to `picked`, and a dense row sum is
-    # deterministic on every device, unlike an atomic index_add.
-    token_logps = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
-    return token_logps, mask
+    return _scatter(mask, head_logprobs(model, hidden, targets, temperature)), mask
+
+
+def completion_token_logps_and_values(model: nn.Module, value_head: nn.Module, input_ids: torch.Tensor,
+                                      attention_mask: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+                                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`completion_token_logps` and, from the same forward, ``values [B, L-1]``: ``value_head`` (``[N, H] ->
+    [N]``) on the hidden state that predicts each labelled token, i.e. the value of the state before that token
+    (PPO's critic on the policy's shared trunk). Zeros outside the mask."""
+    hidden, targets, mask = _labelled_hidden(model, input_ids, attention_mask, labels)
+    token_logps = _scatter(mask, head_logprobs(model, hidden, targets, temperature))
+    values = value_head(hidden)
+    return token_logps, mask, _scatter(mask, values.to(token_logps.dtype))
 
 
 def completion_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,

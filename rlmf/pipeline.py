@@ -235,7 +235,9 @@ def make_trainer(run: Run, stage: str, max_steps: int, validate: bool = True, ma
         precision=resolve_precision(t.precision, t.accelerator), max_steps=max_steps, max_epochs=-1,
         accumulate_grad_batches=1 if manual_optimisation else t.accumulate_grad_batches,
         gradient_clip_val=None if manual_optimisation else t.gradient_clip_val,
-        log_every_n_steps=min(t.log_every_n_steps, max_steps), logger=loggers or False, callbacks=callbacks,
+        # A manual-optimisation step is a whole rollout: log every one.
+        log_every_n_steps=1 if manual_optimisation else min(t.log_every_n_steps, max_steps),
+        logger=loggers or False, callbacks=callbacks,
         enable_progress_bar=t.progress_bar, enable_model_summary=False, default_root_dir=str(run.stage_dir(stage)),
         val_check_interval=t.val_check_interval or max_steps, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, limit_val_batches=None if validate else 0,
@@ -584,14 +586,15 @@ def stage_align(run: Run) -> Dict[str, Any]:
 
 
 def align_online(run: Run, model, tokenizer) -> Dict[str, Any]:
-    """The align stage for the online algorithms (``algo=grpo``, ``algo=rloo``): no round of offline pairs; the
-    policy samples ``algo.online.num_generations`` completions for each training prompt during training, and the
+    """The align stage for the online algorithms (``algo=ppo|grpo|rloo|online_dpo``): no round of offline pairs;
+    the policy samples ``algo.online.num_generations`` completions for each training prompt during training, and the
     run's ``reward=`` scores them (:class:`rlmf.modules.online.OnlineGenerator`).
 
     Training prompts: the first ``task.align_prompts`` training briefs, or the prompts of the file's training pairs.
     ``algo.optim.max_steps`` (or ``max_epochs``) counts rollouts (training batches of ``algo.optim.batch_size``
     prompts); each rollout makes ``num_iterations * ceil(rows / minibatch_size)`` optimiser steps, and
-    ``align/steps`` reports optimiser steps.
+    ``align/steps`` reports optimiser steps. On the persona-email task every rollout's gold reply rate (the
+    simulator's, never shown to the policy) is logged as ``align/train/gold/reply_rate``, for curves against steps.
     """
     from rlmf.data import PromptOnly
     from rlmf.data.collate import OnlinePromptCollator, tokenize_prompts
@@ -607,6 +610,11 @@ def align_online(run: Run, model, tokenizer) -> Dict[str, Any]:
     features = tokenize_prompts(prompts, tokenizer, g.max_prompt_length)
     rows = [{**f, "prompt": p.prompt} for f, p in zip(features, prompts)]
     reward = run.load_reward()
+
+    def gold_monitor(prompts: List[str], completions: List[str]) -> Dict[str, float]:
+        rates = gold_reply_rates(run, prompts, completions)
+        return {"gold/reply_rate": sum(rates) / len(rates)}
+
     opt = a.optim
     module = OnlineGenerator(
         model, tokenizer, reward.score_with_validity, loss_name=a.name,
@@ -615,9 +623,11 @@ def align_online(run: Run, model, tokenizer) -> Dict[str, Any]:
         num_generations=o.num_generations, num_iterations=o.num_iterations, minibatch_size=o.minibatch_size,
         temperature=o.temperature if o.temperature is not None else g.temperature,
         max_new_tokens=o.max_new_tokens or g.max_new_tokens, scale_rewards=o.scale_rewards, kl_coef=o.kl_coef,
-        lr=opt.lr, weight_decay=opt.weight_decay, warmup_ratio=opt.warmup_ratio,
-        gradient_clip_val=run.cfg.trainer.gradient_clip_val, stop_token_ids=stop_token_ids(model, tokenizer),
-        pad_token_id=tokenizer.pad_token_id, metric_prefix="align")
+        kl_target=o.kl_target, kl_horizon=o.kl_horizon, gamma=o.gamma, lam=o.lam,
+        drop_uniform_groups=o.drop_uniform_groups, lr=opt.lr, weight_decay=opt.weight_decay,
+        warmup_ratio=opt.warmup_ratio, gradient_clip_val=run.cfg.trainer.gradient_clip_val,
+        stop_token_ids=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id, metric_prefix="align",
+        monitor=None if run.uses_files else gold_monitor, log_completions_every=o.log_completions_every)
     completions = min(opt.batch_size, len(rows)) * o.num_generations  # every batch is whole (drop_last)
     updates = o.num_iterations * math.ceil(completions / (o.minibatch_size or completions))  # per rollout
     data = RowsDataModule(rows, [], OnlinePromptCollator(tokenizer.pad_token_id), opt.batch_size, seed=run.cfg.seed,
@@ -626,14 +636,15 @@ def align_online(run: Run, model, tokenizer) -> Dict[str, Any]:
     steps = rollouts * updates
     trainer = make_trainer(run, "align", steps, validate=False, manual_optimisation=True)
     fit(trainer, module, "align", datamodule=data, ckpt_path=resume_checkpoint(run, "align"))
+    logged = ("reward", "kl", "objective/kl", "objective/entropy", "invalid_rewards", "gold/reply_rate")
     metrics = {"align/steps": steps, "align/rollouts": rollouts, "align/prompts": len(rows),
                **{k: float(v) for k, v in trainer.callback_metrics.items()
-                  if k in ("align/train/reward", "align/train/kl", "align/train/invalid_rewards")}}
+                  if k in {f"align/train/{name}" for name in logged}}}
     del reward
     out = run.stage_dir("align")
     with main_process_first() as main:
         if main:
-            save_generator(module.model, tokenizer, out / "generator")
+            save_generator(module.model, tokenizer, out / "generator")  # the policy alone: no value head
             mark_done(out, metrics)
     return metrics
 

@@ -227,13 +227,38 @@ def test_a_reward_missing_its_model_fails_before_any_work(compose, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rloo"])
-def test_online_algorithms_run_the_main_job(compose, tmp_path, algo):
-    """algo=grpo / algo=rloo: the align stage samples, the trained discriminator scores, the policy updates."""
-    summary = run_job(compose("experiment=quick", f"algo={algo}"), tmp_path / "run")
-    for key in ("gold/reply_rate/aligned", "kl/aligned", "align/steps", "align/train/reward"):
+ONLINE_JOBS = [  # each online algorithm once, and each kind of reward behind one of them
+    ("grpo", "discriminator"), ("rloo", "ensemble"), ("ppo", "judge"), ("online_dpo", "discriminator")]
+
+
+@pytest.mark.parametrize("algo,reward", ONLINE_JOBS)
+def test_online_algorithms_run_the_main_job(compose, tmp_path, tiny_checkpoint, algo, reward):
+    """algo=ppo|grpo|rloo|online_dpo: the align stage samples, the reward scores, the policy updates; rewarded by
+    the trained discriminator, an ensemble of it and the rule-based gold function, or a local causal-LM judge."""
+    overrides = ["experiment=quick", f"algo={algo}", f"reward={reward}", "logger=csv"]
+    if reward == "judge":  # a tiny random LM: it runs and logs; its answers mostly do not parse
+        overrides += [f"reward.name_or_path={tiny_checkpoint('llama')}", "reward.max_new_tokens=3",
+                      "reward.max_prompt_length=64"]
+    summary = run_job(compose(*overrides), tmp_path / "run")
+    for key in ("gold/reply_rate/aligned", "kl/aligned", "align/steps", "align/train/reward",
+                "align/train/objective/kl", "align/train/gold/reply_rate"):
         assert key in summary, key
     assert "align/pairs" not in summary, "online algorithms make no offline round of pairs"
-    assert summary["align/steps"] == 4  # algo.optim.max_steps rollouts x 1 iteration x 1 minibatch
-    assert (tmp_path / "run" / "align" / "generator" / "model.safetensors").exists()
+    assert summary["align/rollouts"] == 4
+    iterations = 2 if algo == "ppo" else 1  # conf/algo/ppo.yaml: two PPO epochs per rollout
+    assert summary["align/steps"] == 4 * iterations  # max_steps rollouts x iterations x 1 minibatch
+    generator = tmp_path / "run" / "align" / "generator"
+    assert (generator / "model.safetensors").exists()
     assert not (tmp_path / "run" / "align" / "pairs.jsonl").exists()
+    if algo == "ppo":  # the exported generator is the policy alone; the value head stays in the checkpoint
+        from safetensors import safe_open
+        with safe_open(str(generator / "model.safetensors"), "pt") as f:
+            assert not [k for k in f.keys() if "value" in k]
+        import torch
+        state = torch.load(tmp_path / "run" / "align" / "checkpoints" / "last.ckpt", weights_only=False)
+        assert {"value_head.linear.weight", "kl_coef"} <= set(state["state_dict"])
+    metrics = (tmp_path / "run" / "logs" / "align" / "metrics.csv").read_text().splitlines()[0].split(",")
+    if reward == "ensemble":
+        assert {"align/train/rewards/discriminator/mean", "align/train/rewards/gold/mean"} <= set(metrics)
+    if reward == "judge":
+        assert "align/train/rewards/judge/invalid" in metrics

@@ -10,13 +10,14 @@ the sampling ("old") policy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from rlmf.data.collate import IGNORE_INDEX
 from rlmf.generation import completion_rows, sample_tokens
-from rlmf.logprobs import completion_token_logps
+from rlmf.logprobs import completion_token_logps, completion_token_logps_and_values
 
 
 @dataclass
@@ -28,32 +29,57 @@ class Rollout:
             including its first stop token; padding after it), labels ``-100`` outside the completion.
         old_logps, mask: ``[B * G, P + L - 1]`` per-token log-probs of the labelled tokens under the sampling policy
             at the sampling temperature (no gradient) and the mask of those tokens (:func:`completion_token_logps`).
+            ``old_logps`` is None when the rollout was not scored (``score=False``): a single on-policy update
+            takes them from its own forward, where they are the same numbers.
         lengths: ``[B * G]`` completion token counts; ``clipped``: ``[B * G]`` bool, True where no stop token came
             before ``max_new_tokens``.
         texts: the completions decoded (special tokens skipped), for the reward.
+        old_values: ``[B * G, P + L - 1]`` the value head's predictions at sampling time, from the same scoring
+            forward (PPO only; None without a value head).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
-    old_logps: torch.Tensor
+    old_logps: Optional[torch.Tensor]
     mask: torch.Tensor
     lengths: torch.Tensor
     clipped: torch.Tensor
     texts: List[str]
+    old_values: Optional[torch.Tensor] = None
+
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        """The rollout restricted to ``rows`` (a bool ``[B * G]`` or indices), order kept."""
+        index = rows.nonzero().squeeze(-1) if rows.dtype == torch.bool else rows
+        tensors = {name: getattr(self, name) for name in ("input_ids", "attention_mask", "labels", "old_logps",
+                                                            "mask", "lengths", "clipped", "old_values")}
+        picked = {k: (v[index] if v is not None else None) for k, v in tensors.items()}
+        return Rollout(**picked, texts=[self.texts[i] for i in index.tolist()])
 
 
 @torch.no_grad()
 def rollout(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_generations: int,
-            temperature: float, max_new_tokens: int, stop_ids: Sequence[int], pad_token_id: int) -> Rollout:
-    """``num_generations`` completions of each left-padded prompt ``[B, P]`` (on the model's device) from ``model``."""
+            temperature: float, max_new_tokens: int, stop_ids: Sequence[int], pad_token_id: int,
+            value_head: Optional[nn.Module] = None, score: bool = True) -> Rollout:
+    """``num_generations`` completions of each left-padded prompt ``[B, P]`` (on the model's device) from ``model``;
+    with a ``value_head`` also its values of every completion state (:attr:`Rollout.old_values`). ``score=False``
+    skips the no-grad scoring forward (``old_logps`` is then None)."""
     tokens, keep = sample_tokens(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
                                  temperature=temperature, stop_ids=stop_ids, pad_token_id=pad_token_id,
                                  num_return_sequences=num_generations)
     input_ids, attention_mask, labels = completion_rows(prompt_ids, prompt_mask, tokens, keep, pad_token_id)
-    old_logps, mask = completion_token_logps(model, input_ids, attention_mask, labels, temperature=temperature)
+    old_values = old_logps = None
+    if not score:
+        mask = labels[:, 1:] != IGNORE_INDEX
+    elif value_head is None:
+        old_logps, mask = completion_token_logps(model, input_ids, attention_mask, labels, temperature=temperature)
+    else:
+        old_logps, mask, old_values = completion_token_logps_and_values(model, value_head, input_ids, attention_mask,
+                                                                        labels, temperature=temperature)
     stopped = (torch.isin(tokens, torch.tensor(list(stop_ids), device=tokens.device)) & keep).any(-1)
     lengths = keep.sum(-1)
     texts = tokenizer.batch_decode([row[: int(n)] for row, n in zip(tokens.tolist(), lengths.tolist())],
                                    skip_special_tokens=True)
-    return Rollout(input_ids, attention_mask, labels, old_logps.detach(), mask, lengths, ~stopped, texts)
+    return Rollout(input_ids, attention_mask, labels, old_logps.detach() if old_logps is not None else None, mask,
+                   lengths, ~stopped, texts,
+                   old_values.detach() if old_values is not None else None)

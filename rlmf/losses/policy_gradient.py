@@ -1,8 +1,8 @@
-"""Online-RL objectives: PPO, GRPO (and its DAPO / Dr. GRPO variants) and RLOO, as pure functions over log-probs.
+"""Online-RL objectives: PPO, GRPO (and its DAPO / Dr. GRPO variants), RLOO and online DPO, as pure functions.
 
-GRPO and RLOO are registered in ``LOSSES`` (as ``grpo`` and ``rloo``, data format ``online``: they consume rollouts,
-sampled completions with their advantages and the log-probs of the policy that sampled them; see the end of this
-module). Each returns a
+They are registered in ``LOSSES`` (as ``ppo``, ``grpo``, ``rloo`` and ``online_dpo``, data format ``online``: they
+consume rollouts, sampled completions with their advantages and the log-probs of the policy that sampled them; see
+the end of this module). Each returns a
 :class:`~rlmf.losses.LossResult` with detached scalar metrics.
 
 Token-level inputs are ``[B, T]`` with a ``mask`` ``[B, T]`` of completion tokens (bool, or 0/1 of any dtype; see
@@ -29,7 +29,7 @@ from typing import Dict, Optional
 import torch
 
 from rlmf.losses import LossResult, register_loss
-from rlmf.losses._common import check_batch, check_fraction
+from rlmf.losses._common import check_batch, check_fraction, preference_metrics
 from rlmf.losses.advantages import as_groups, kl_penalty, masked_mean, token_mask
 
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
@@ -383,19 +383,58 @@ def grpo(
     beta: float = 0.04,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
+    loss_type: str = "grpo",
+    max_completion_length: Optional[int] = None,
 ) -> LossResult:
     """GRPO on a rollout: the clipped token-level surrogate with the completion's group-relative advantage.
 
         loss = 1/B sum_i 1/|o_i| sum_t [-min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) + beta * k3_t]
 
-    Shao et al. 2024, "DeepSeekMath" (eq. 3): :func:`grpo_loss` with ``loss_type="grpo"``. Defaults: beta 0.04
-    (the paper's KL coefficient), eps_low = eps_high = 0.2.
+    Shao et al. 2024, "DeepSeekMath" (eq. 3): :func:`grpo_loss`. ``loss_type`` ``grpo`` (above), ``dapo`` (token
+    sum over the batch's token count) or ``dr_grpo`` (over B * max_completion_length; with the default None the
+    online trainer fills ``max_completion_length`` with its generation limit). Defaults: beta 0.04 (the paper's KL
+    coefficient), eps_low = eps_high = 0.2 (raise eps_high for DAPO's clip-higher, e.g. 0.28), loss_type grpo.
 
     Inputs: ``policy_logps`` (carries gradient), ``old_logps`` (the sampling policy's), ``reference_logps``,
     ``mask`` ``[B, T]``; ``advantages`` ``[B]``. Metrics: ``kl`` (token mean of k3) and ``clip_ratio/*``.
     """
     return grpo_loss(policy_logps, old_logps, advantages, mask, reference_logps, beta=beta, eps_low=eps_low,
-                     eps_high=eps_high, loss_type="grpo")
+                     eps_high=eps_high, loss_type=loss_type, max_completion_length=max_completion_length)
+
+
+@register_loss("ppo", data="online", reference=False)
+def ppo(
+    policy_logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    value_clip: Optional[float] = 0.2,
+    vf_coef: float = 0.1,
+) -> LossResult:
+    """PPO-RLHF on a rollout: the token-level clipped surrogate on whitened GAE advantages plus the clipped value loss.
+
+        loss = masked_mean(-min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t))
+               + vf_coef * 0.5 * masked_mean(max((V_t - R_t)^2, (clip(V_t, V_old - c, V_old + c) - R_t)^2))
+
+    Schulman et al. 2017 (PPO); Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences" (the
+    per-token reward ``-kl_coef * (logp_t - ref_t)`` plus the score at the last token, GAE, a fixed or adaptive
+    ``kl_coef``): :func:`ppo_loss`. The KL is in the advantages, built by the online trainer from
+    ``algo.online`` (``kl_coef``, ``kl_target``, ``gamma``, ``lam``), so the objective takes no reference.
+    ``values`` come from the value head on the policy's last hidden state (carrying gradient), ``old_values`` from
+    the same head at sampling time. Defaults: eps_low = eps_high = 0.2, value_clip 0.2, vf_coef 0.1.
+
+    Inputs: ``policy_logps``, ``old_logps``, ``advantages``, ``mask``, ``values``, ``old_values``, ``returns``, all
+    ``[B, T]``. Metrics: ``loss/policy``, ``loss/value``, ``policy/clipfrac``, ``policy/approxkl``,
+    ``val/explained_variance`` and the rest of :func:`ppo_loss`'s.
+    """
+    return ppo_loss(policy_logps, old_logps, advantages, mask, values, old_values, returns, eps_low=eps_low,
+                    eps_high=eps_high, value_clip=value_clip, vf_coef=vf_coef)
 
 
 @register_loss("rloo", data="online", reference=False)
@@ -422,3 +461,89 @@ def rloo(
     zero = torch.zeros((), dtype=policy_logps.dtype, device=policy_logps.device)
     return rloo_loss(torch.where(mask, policy_logps, zero).sum(-1), torch.where(mask, old_logps, zero).sum(-1),
                      advantages, eps=eps, eps_high=eps_high)
+
+
+# ---------------------------------------------------------------------------------------------------- online DPO
+
+ONLINE_DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def best_worst_preferences(scores: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Online DPO's pairs: in each group, +1 for the highest-scored valid completion, -1 for the lowest, 0 elsewhere.
+
+    A group with fewer than two valid completions, or whose valid scores are all equal, gives no pair (all 0): a
+    tie carries no preference. Ties for the best (worst) go to the first such completion. Guo et al. 2024, "Direct
+    Language Model Alignment from Online AI Feedback" rank two samples; with more the extremes are the pair.
+
+    Shapes: ``scores`` and ``valid`` ``[B * G]`` (invalid scores are ignored, NaN included); returns ``[B * G]``
+    int64 with, per group, either exactly one +1 and one -1 or nothing.
+    """
+    grouped = as_groups("best_worst_preferences", scores, group_size)
+    ok = as_groups("best_worst_preferences", valid.to(torch.bool), group_size)
+    inf = torch.full((), float("inf"), dtype=grouped.dtype, device=grouped.device)
+    best = torch.where(ok, grouped, -inf).argmax(dim=1)
+    worst = torch.where(ok, grouped, inf).argmin(dim=1)
+    rows = torch.arange(grouped.shape[0], device=grouped.device)
+    has_pair = (ok.sum(dim=1) >= 2) & (grouped[rows, best] > grouped[rows, worst])
+    out = torch.zeros(grouped.shape, dtype=torch.long, device=grouped.device)
+    out[rows[has_pair], best[has_pair]] = 1
+    out[rows[has_pair], worst[has_pair]] = -1
+    return out.reshape(scores.shape)
+
+
+@register_loss("online_dpo", data="online", reference=True)
+def online_dpo(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    mask: torch.Tensor,
+    preferences: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+) -> LossResult:
+    """Online DPO: DPO (or IPO) on pairs of the policy's own fresh samples, ranked by the reward.
+
+        rho = sum_t (logp_t - ref_t)   over a completion's tokens
+
+        loss = mean_pairs -log sigmoid(beta * (rho_chosen - rho_rejected))               sigmoid (Rafailov et al. 2023)
+        loss = mean_pairs (rho_chosen / |y_c| - rho_rejected / |y_r| - 1 / (2 beta))^2    ipo (Azar et al. 2023)
+
+    Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback": each step samples completions of
+    every prompt from the current policy, the reward picks the preferred one, and the pair gets the offline loss.
+    ``preferences`` ``[B]`` marks each row +1 (chosen), -1 (rejected) or 0 (not in a pair), with the rows of a
+    pair in one group: the k-th chosen row pairs with the k-th rejected row
+    (:func:`best_worst_preferences` builds them). No pair in the batch gives a zero loss that still has a graph.
+
+    Defaults: beta 0.1, loss_type sigmoid.
+
+    Inputs: ``policy_logps`` (carries gradient), ``reference_logps``, ``mask`` ``[B, T]``; ``preferences`` ``[B]``.
+    Metrics: DPO's ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies`` (the
+    implicit rewards ``beta * rho``) and ``pairs`` (pairs in the batch).
+    """
+    if loss_type not in ONLINE_DPO_LOSS_TYPES:
+        raise ValueError(f"online_dpo: loss_type={loss_type!r} is not one of {ONLINE_DPO_LOSS_TYPES}")
+    if beta <= 0:
+        raise ValueError(f"online_dpo: beta={beta} must be > 0")
+    mask = token_mask("online_dpo", mask, policy_logps=policy_logps, reference_logps=reference_logps)
+    if preferences.shape != mask.shape[:1]:
+        raise ValueError(f"online_dpo: preferences must have shape [B] = [{mask.shape[0]}], "
+                         f"got {tuple(preferences.shape)}")
+    chosen, rejected = preferences > 0, preferences < 0
+    if int(chosen.sum()) != int(rejected.sum()):
+        raise ValueError(f"online_dpo: {int(chosen.sum())} chosen rows but {int(rejected.sum())} rejected ones; "
+                         "each pair needs one of each")
+    zero = torch.zeros((), dtype=policy_logps.dtype, device=policy_logps.device)
+    policy_sums = torch.where(mask, policy_logps, zero).sum(-1)
+    reference_sums = torch.where(mask, reference_logps, zero).sum(-1)
+    lengths = mask.sum(-1).clamp(min=1).to(policy_logps.dtype)
+    if not chosen.any():
+        return LossResult(loss=policy_sums.sum() * 0.0, metrics={"pairs": torch.zeros((), device=policy_logps.device)})
+    rho = policy_sums - reference_sums
+    rho_c, rho_r = rho[chosen], rho[rejected]
+    if loss_type == "sigmoid":
+        per_pair = -torch.nn.functional.logsigmoid(beta * (rho_c - rho_r))
+    else:
+        per_pair = (rho_c / lengths[chosen] - rho_r / lengths[rejected] - 1 / (2 * beta)).square()
+    metrics = preference_metrics(beta * rho_c, beta * rho_r, policy_sums[chosen], policy_sums[rejected])
+    metrics["pairs"] = chosen.sum().to(policy_logps.dtype).detach()
+    return LossResult(loss=per_pair.mean(), metrics=metrics)

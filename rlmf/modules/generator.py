@@ -43,11 +43,12 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], f
 
 
 def adamw_with_cosine_schedule(module: L.LightningModule) -> Dict[str, Any]:
-    """AdamW over ``module.model``'s trainable parameters (``hparams.lr``, ``hparams.weight_decay``) and a cosine
-    schedule with ``hparams.warmup_ratio`` warm-up, stepped per optimiser step over the whole fit
-    (``trainer.estimated_stepping_batches``: bounded by max_steps or max_epochs, accumulation included)."""
+    """AdamW over the module's trainable parameters (``module.model``'s, and a value head's where there is one;
+    ``hparams.lr``, ``hparams.weight_decay``) and a cosine schedule with ``hparams.warmup_ratio`` warm-up, stepped
+    per optimiser step over the whole fit (``trainer.estimated_stepping_batches``: bounded by max_steps or
+    max_epochs, accumulation included)."""
     h = module.hparams
-    params = [p for p in module.model.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
     total = max(1, int(module.trainer.estimated_stepping_batches))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(int(h.warmup_ratio * total), total))

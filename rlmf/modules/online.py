@@ -1,83 +1,217 @@
-"""The online generator: GRPO and RLOO on completions the policy samples during training.
+"""The online generator: PPO, GRPO, RLOO and online DPO on completions the policy samples during training.
 
 One :class:`OnlineGenerator` training step is one rollout and its updates (manual optimisation):
 
 1. each prompt of the batch gets ``num_generations`` completions from the current policy
-   (:func:`rlmf.feedback.rollouts.rollout`, which also keeps the sampling policy's per-token log-probs);
-2. the reward (the run's ``reward=``) scores the decoded completions; a completion the reward could not score gets
-   advantage 0 (it takes no part in the update) and is counted (``invalid_rewards``);
-3. advantages, once per rollout: GRPO's group-relative ones (:func:`~rlmf.losses.advantages.group_advantages`,
-   ``scale_rewards``); RLOO's leave-one-out ones (:func:`~rlmf.losses.advantages.rloo_advantages`) of the reward
-   minus ``kl_coef`` times the completion's summed k1 KL to the reference
-   (:func:`~rlmf.losses.policy_gradient.rloo_rewards`);
+   (:func:`rlmf.feedback.rollouts.rollout`, which also keeps the sampling policy's per-token log-probs and, for
+   PPO, the value head's predictions);
+2. the reward (the run's ``reward=``) scores the decoded completions; a completion the reward could not score takes
+   no part in the update and is counted (``invalid_rewards``);
+3. the objective's targets, once per rollout, by the algorithm's entry in :data:`TARGETS`:
+
+   - ``grpo``: group-relative advantages (:func:`~rlmf.losses.advantages.group_advantages`, ``scale_rewards``);
+   - ``rloo``: leave-one-out advantages (:func:`~rlmf.losses.advantages.rloo_advantages`) of the reward minus
+     ``kl_coef`` times the completion's summed k1 KL (:func:`~rlmf.losses.policy_gradient.rloo_rewards`);
+   - ``ppo``: per-token rewards ``-kl_coef * (old_t - ref_t)`` plus the score at the last token, GAE with the value
+     head's old values (``gamma``, ``lam``), advantages whitened over the rollout's tokens (Ziegler et al. 2019);
+   - ``online_dpo``: the best and the worst valid completion of each prompt as a pair
+     (:func:`~rlmf.losses.policy_gradient.best_worst_preferences`);
+
 4. ``num_iterations`` passes over the rollout in minibatches of ``minibatch_size`` completions, one optimiser step
-   each: ``loss = objective(...)`` (the registered ``grpo`` / ``rloo``), backward, gradient-norm clipping, step,
-   and one step of the learning-rate schedule.
+   each: ``loss = objective(...)`` (the registered loss of that name), backward, gradient-norm clipping, step, and
+   one step of the learning-rate schedule.
 
 So ``trainer.global_step`` (and ``max_steps``, and the cosine schedule's length) counts optimiser steps:
-``num_iterations * ceil(rows / minibatch_size)`` per training batch.
+``num_iterations * ceil(rows / minibatch_size)`` per training batch, always (a minibatch left empty by DAPO's
+``drop_uniform_groups`` makes a step with no gradient: torch's optimisers leave parameters without one untouched).
 
-Reference log-probs (GRPO's k3 KL, RLOO's KL in the reward) come from a frozen copy of the starting policy, kept
-out of the module's submodules (never trained, saved or wrapped) and placed beside the policy at fit start, like
-:class:`rlmf.modules.generator.Generator`'s. Checkpoints hold the policy only.
+The KL coefficient of PPO and RLOO is a buffer (``kl_coef``), saved in checkpoints: with ``kl_target`` set it follows
+Ziegler et al.'s adaptive controller (:func:`~rlmf.losses.policy_gradient.adaptive_kl_coef`) after every rollout.
+PPO's value head (:class:`ValueHead`, a scalar head on the policy's last hidden state) is a submodule, so it is
+trained, checkpointed and resumed with the policy; the exported generator is ``module.model`` alone, without it.
 
-Metrics, under ``<metric_prefix>/train/`` with TRL 1.16's names: ``reward``, ``reward_std`` (mean over prompts of
-the group's std), ``frac_reward_zero_std``, ``completions/mean_length``, ``completions/clipped_ratio`` (no stop
-token within ``max_new_tokens``), ``loss/policy``, ``kl``, ``clip_ratio/*``, ``invalid_rewards``, ``lr``, and the
-reward's own metrics (``rewards/<name>/...``).
+Reference log-probs come from a frozen copy of the starting policy, kept out of the module's submodules (never
+trained, saved or wrapped) and placed beside the policy at fit start, like :class:`rlmf.modules.generator.Generator`'s.
+
+Metrics, under ``<metric_prefix>/train/`` with TRL's names: ``reward``, ``reward_std`` (mean over prompts of the
+group's std), ``frac_reward_zero_std``, ``completions/mean_length``, ``completions/clipped_ratio`` (no stop token
+within ``max_new_tokens``), ``objective/kl`` (mean summed k1 KL of a completion to the reference),
+``objective/entropy`` (mean of ``-sum_t old_t``), ``objective/non_score_reward`` and ``objective/rlhf_reward`` (PPO,
+RLOO: the KL penalty and score plus penalty), ``objective/kl_coef``, the objective's own (``loss/policy``,
+``loss/value``, ``policy/clipfrac``, ``val/explained_variance``, ``kl``, ``clip_ratio/*``, ``rewards/chosen``...),
+``invalid_rewards``, ``lr``, ``perf/generation_tokens_per_s`` and ``perf/training_tokens_per_s`` (completion tokens
+sampled per second of rollout; tokens forwarded per second of updates), the reward's own metrics
+(``rewards/<name>/...``) and whatever ``monitor`` returns (the pipeline's gold reply rate of the rollout). Every
+``log_completions_every`` rollouts a table of prompts, completions and rewards goes to the logger when it takes
+tables (W&B).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lightning as L
 import torch
 from torch import nn
 
 from rlmf.feedback.rollouts import Rollout, rollout
-from rlmf.logprobs import completion_token_logps
+from rlmf.logprobs import completion_token_logps, completion_token_logps_and_values
 from rlmf.losses import get_loss, loss_inputs
-from rlmf.losses.advantages import group_advantages, rloo_advantages
-from rlmf.losses.policy_gradient import rloo_rewards
+from rlmf.losses.advantages import gae, group_advantages, kl_penalty, rloo_advantages, whiten
+from rlmf.losses.policy_gradient import adaptive_kl_coef, best_worst_preferences, drop_uniform_groups, rloo_rewards
 from rlmf.modules.generator import adamw_with_cosine_schedule
 from rlmf.placement import put
 
 # reward(prompts, completions) -> (scores [N], valid [N]) or a rlmf.rewards.RewardResult (which also has metrics)
 RewardFn = Callable[[List[str], List[str]], Any]
+# monitor(prompts, completions) -> {metric name: float}, logged every rollout (e.g. a gold metric of the task)
+MonitorFn = Callable[[List[str], List[str]], Dict[str, float]]
+
+# Objectives that compare the completions of a prompt with each other: they need num_generations >= 2.
+GROUP_OBJECTIVES = ("grpo", "rloo", "online_dpo")
+# Objectives whose reward carries the KL to the reference (kl_coef), rather than the loss.
+KL_IN_REWARD = ("ppo", "rloo")
 
 
 def needs_reference(loss_name: str, kl_coef: float) -> bool:
-    """Whether training ``loss_name`` needs reference log-probs: its objective takes them (GRPO's k3 KL), or the
-    reward carries the KL (RLOO with ``kl_coef != 0``)."""
-    return get_loss(loss_name).requires_reference or (loss_name == "rloo" and kl_coef != 0)
+    """Whether training ``loss_name`` needs reference log-probs: its objective takes them (GRPO's k3 KL, online
+    DPO's log-ratios), or its reward carries the KL (PPO, RLOO with ``kl_coef != 0``)."""
+    return get_loss(loss_name).requires_reference or (loss_name in KL_IN_REWARD and kl_coef != 0)
+
+
+class ValueHead(nn.Module):
+    """PPO's critic on the policy's trunk: ``V(s_t) = w . h_t + b`` from the last hidden state ``h_t`` that predicts
+    token ``t``. Zero-initialised (``V = 0`` at the start, so the first advantages are the discounted rewards),
+    kept in float32. ``[N, H] -> [N]``."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+@dataclass
+class Scored:
+    """A rollout with its rewards, what :data:`TARGETS` functions read.
+
+    Attributes:
+        rows: the rollout (``N = B * G`` rows).
+        scores: ``[N]`` float32 rewards; an invalid row's score is replaced by the mean of its group's valid scores,
+            so it moves neither the group's mean nor the others' baselines much (its own target is then zeroed).
+        valid: ``[N]`` bool, rows the reward could score.
+        reference_logps: ``[N, T]`` the reference's per-token log-probs of the sampled tokens, or None.
+        group_size: ``G``; kl_coef: the current KL coefficient (PPO, RLOO).
+    """
+
+    rows: Rollout
+    scores: torch.Tensor
+    valid: torch.Tensor
+    reference_logps: Optional[torch.Tensor]
+    group_size: int
+    kl_coef: float
+
+    def sequence_kl(self) -> Optional[torch.Tensor]:
+        """``[N]`` summed k1 KL ``sum_t (old_t - ref_t)`` of each completion, or None without a reference."""
+        if self.reference_logps is None:
+            return None
+        return kl_penalty(self.rows.old_logps, self.reference_logps, "k1", mask=self.rows.mask).sum(-1)
+
+
+def _grpo_targets(s: Scored, h) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    advantages = group_advantages(s.scores, s.group_size, scale_rewards=h.scale_rewards)
+    return {"advantages": torch.where(s.valid, advantages, torch.zeros_like(advantages))}, {}
+
+
+def _rloo_targets(s: Scored, h):
+    kl, scores, stats = s.sequence_kl(), s.scores, {}
+    if kl is not None:
+        scores = rloo_rewards(scores, kl, torch.zeros_like(kl), s.kl_coef)
+        stats = _penalty_stats(s, kl)
+    advantages = rloo_advantages(scores, s.group_size)
+    return {"advantages": torch.where(s.valid, advantages, torch.zeros_like(advantages))}, stats
+
+
+def _ppo_targets(s: Scored, h):
+    rows = s.rows
+    mask = rows.mask & s.valid[:, None]  # an unscored completion takes no part at all
+    zero = torch.zeros((), dtype=rows.old_logps.dtype, device=rows.old_logps.device)
+    kl = kl_penalty(rows.old_logps, s.reference_logps, "k1", mask=mask) if s.reference_logps is not None else None
+    rewards = -s.kl_coef * kl if kl is not None else torch.zeros_like(rows.old_logps)
+    # The score is added at each completion's last token.
+    last = mask.long().cumsum(-1).eq(mask.sum(-1, keepdim=True)) & mask
+    rewards = torch.where(last, rewards + s.scores[:, None].to(rewards.dtype), rewards)
+    advantages, returns = gae(rewards, rows.old_values, mask, gamma=h.gamma, lam=h.lam)
+    advantages = whiten(advantages, mask)
+    stats = _penalty_stats(s, s.sequence_kl()) if kl is not None else {}
+    return {"advantages": advantages, "returns": returns, "old_values": torch.where(mask, rows.old_values, zero),
+            "mask": mask}, stats
+
+
+def _online_dpo_targets(s: Scored, h):
+    return {"preferences": best_worst_preferences(s.scores, s.valid, s.group_size)}, {}
+
+
+def _penalty_stats(s: Scored, kl: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """TRL's PPO/RLOO objective metrics over the valid rows: the KL penalty and the score plus it."""
+    valid = s.valid if s.valid.any() else torch.ones_like(s.valid)
+    non_score = -s.kl_coef * kl[valid]
+    return {"objective/non_score_reward": non_score.mean(),
+            "objective/rlhf_reward": (s.scores[valid] + non_score).mean()}
+
+
+# Per objective: (the rollout with its rewards, the module's hparams) -> (per-row loss inputs, metrics). Every loss
+# input not here comes from the rollout (old_logps, mask, reference_logps) or the policy's forward (policy_logps,
+# values). An entry's per-row tensors are [N] or [N, T] and are cut into the same minibatches.
+TARGETS: Dict[str, Callable[[Scored, Any], Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]] = {
+    "grpo": _grpo_targets,
+    "rloo": _rloo_targets,
+    "ppo": _ppo_targets,
+    "online_dpo": _online_dpo_targets,
+}
 
 
 class OnlineGenerator(L.LightningModule):
-    """Trains ``model`` with the online loss ``loss_name`` (``grpo`` or ``rloo``) on its own samples."""
+    """Trains ``model`` with the online loss ``loss_name`` (``ppo``, ``grpo``, ``rloo``, ``online_dpo``) on its own
+    samples."""
 
     def __init__(self, model: nn.Module, tokenizer, reward: RewardFn, *, loss_name: str = "grpo",
                  loss_kwargs: Optional[Dict[str, Any]] = None, reference: Optional[nn.Module] = None,
                  num_generations: int = 4, num_iterations: int = 1, minibatch_size: Optional[int] = None,
                  temperature: float = 1.0, max_new_tokens: int = 96, scale_rewards: str = "group",
-                 kl_coef: float = 0.05, lr: float = 1e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
+                 kl_coef: float = 0.05, kl_target: Optional[float] = None, kl_horizon: float = 10000.0,
+                 gamma: float = 1.0, lam: float = 0.95, drop_uniform_groups: bool = False,
+                 lr: float = 1e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
                  gradient_clip_val: Optional[float] = 1.0, stop_token_ids: Optional[List[int]] = None,
-                 pad_token_id: Optional[int] = None, metric_prefix: str = "align"):
+                 pad_token_id: Optional[int] = None, metric_prefix: str = "align",
+                 monitor: Optional[MonitorFn] = None, log_completions_every: int = 0):
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "tokenizer", "reward", "reference"])
+        self.save_hyperparameters(ignore=["model", "tokenizer", "reward", "reference", "monitor"])
         self.automatic_optimization = False
-        self.model, self.tokenizer, self.reward = model, tokenizer, reward
+        self.model, self.tokenizer, self.reward, self.monitor = model, tokenizer, reward, monitor
         self.loss_fn = get_loss(loss_name)
-        if self.loss_fn.data_format != "online":
-            raise ValueError(f"OnlineGenerator trains the online losses; {loss_name!r} is "
+        if self.loss_fn.data_format != "online" or loss_name not in TARGETS:
+            raise ValueError(f"OnlineGenerator trains the online losses ({', '.join(TARGETS)}); {loss_name!r} is "
                              f"{self.loss_fn.data_format!r} (use rlmf.modules.generator.Generator)")
-        if num_generations < 2:
-            raise ValueError(f"num_generations={num_generations} must be at least 2 (advantages compare the "
+        if loss_name in GROUP_OBJECTIVES and num_generations < 2:
+            raise ValueError(f"num_generations={num_generations} must be at least 2 for {loss_name} (it compares the "
                              "completions of a prompt)")
+        if num_generations < 1:
+            raise ValueError(f"num_generations={num_generations} must be at least 1")
         if needs_reference(loss_name, kl_coef) and reference is None:
             raise ValueError(f"{loss_name} needs a reference model here (its loss, or kl_coef={kl_coef})")
         self.loss_kwargs = dict(loss_kwargs or {})
+        if loss_name == "grpo" and self.loss_kwargs.get("loss_type") == "dr_grpo":
+            # Dr. GRPO's constant normaliser is the generation limit, a constant of the run.
+            self.loss_kwargs.setdefault("max_completion_length", max_new_tokens)
+        self.value_head = ValueHead(model.config.hidden_size) if "values" in loss_inputs(loss_name) else None
+        self.register_buffer("kl_coef", torch.tensor(float(kl_coef), dtype=torch.float64))
         # Not a submodule: see the module docstring.
         self._reference = [reference.requires_grad_(False).eval()] if reference is not None else []
 
@@ -96,58 +230,100 @@ class OnlineGenerator(L.LightningModule):
         h = self.hparams
         return rollout(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
                        num_generations=h.num_generations, temperature=h.temperature,
-                       max_new_tokens=h.max_new_tokens, stop_ids=h.stop_token_ids or [], pad_token_id=h.pad_token_id)
+                       max_new_tokens=h.max_new_tokens, stop_ids=h.stop_token_ids or [], pad_token_id=h.pad_token_id,
+                       value_head=self.value_head, score=not self.single_on_policy_update)
+
+    @property
+    def single_on_policy_update(self) -> bool:
+        """One update of the whole rollout whose targets do not read the sampling log-probs (GRPO, online DPO):
+        the update's own forward gives them (its parameters are those that sampled, so ``r = 1`` exactly, as in
+        TRL), and the rollout skips its scoring forward."""
+        h = self.hparams
+        return (h.loss_name in ("grpo", "online_dpo") and h.num_iterations == 1 and h.minibatch_size is None
+                and not h.drop_uniform_groups)
 
     def _score(self, prompts: List[str], rows: Rollout):
-        """``(scores [N] float32, valid [N] bool, reward metrics)`` on this device; invalid scores are 0."""
-        g = self.hparams.num_generations
-        result = self.reward([p for p in prompts for _ in range(g)], rows.texts)
+        """``(scores [N] float32, valid [N] bool, reward metrics)`` on this device; invalid scores are NaN."""
+        result = self.reward(prompts, rows.texts)
         scores, valid = result
         metrics = dict(getattr(result, "metrics", {}) or {})
         valid = torch.as_tensor(valid, dtype=torch.bool).to(self.device)
         scores = torch.as_tensor(scores, dtype=torch.float32).to(self.device)
         valid = valid & torch.isfinite(scores)
-        return torch.where(valid, scores, torch.zeros_like(scores)), valid, metrics
+        return torch.where(valid, scores, torch.full_like(scores, float("nan"))), valid, metrics
 
-    def _advantages(self, scores: torch.Tensor, valid: torch.Tensor, rows: Rollout,
-                    reference_logps: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Per-completion advantages ``[N]`` (0 for invalid rows) and the rollout's reward statistics.
-
-        An invalid row's score is replaced by the mean of its group's valid scores before the group statistics,
-        so it moves neither the group mean nor the baselines of the others much; its own advantage is then 0.
-        """
-        h = self.hparams
-        grouped, ok = scores.view(-1, h.num_generations), valid.view(-1, h.num_generations)
-        group_mean = (grouped * ok).sum(1, keepdim=True) / ok.sum(1, keepdim=True).clamp(min=1)
-        filled = torch.where(ok, grouped, group_mean).reshape(-1)
-        stats = {"reward": filled[valid].mean() if valid.any() else torch.tensor(float("nan"), device=self.device),
-                 "reward_std": filled.view(-1, h.num_generations).std(1).mean(),
-                 "frac_reward_zero_std": (filled.view(-1, h.num_generations).std(1) < 1e-8).float().mean()}
-        if h.loss_name == "rloo":
-            if reference_logps is not None:
-                old_sum = (rows.old_logps * rows.mask).sum(-1)
-                ref_sum = (reference_logps * rows.mask).sum(-1)
-                stats["kl"] = (old_sum - ref_sum).mean()
-                filled = rloo_rewards(filled, old_sum, ref_sum, h.kl_coef)
-            advantages = rloo_advantages(filled, h.num_generations)
-        else:
-            advantages = group_advantages(filled, h.num_generations, scale_rewards=h.scale_rewards)
-        stats["advantages"] = torch.where(valid, advantages, torch.zeros_like(advantages)).detach()
-        return stats
+    def _reward_stats(self, scores: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """Invalid scores replaced by their group's valid mean (see :class:`Scored`), and TRL's reward metrics."""
+        g = self.hparams.num_generations
+        grouped, ok = scores.view(-1, g), valid.view(-1, g)
+        zero = torch.zeros((), dtype=scores.dtype, device=scores.device)
+        group_mean = torch.where(ok, grouped, zero).sum(1, keepdim=True) / ok.sum(1, keepdim=True).clamp(min=1)
+        filled = torch.where(ok, grouped, group_mean)
+        spread = filled.std(1) if g > 1 else filled.reshape(-1).std().expand(filled.shape[0])
+        nan = torch.tensor(float("nan"), device=scores.device)
+        return filled.reshape(-1), {"reward": scores[valid].mean() if valid.any() else nan,
+                                    "reward_std": spread.mean(),
+                                    "frac_reward_zero_std": (spread < 1e-8).float().mean()}
 
     # --- training -------------------------------------------------------------------------------------------------
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
         h = self.hparams
+        started = self._clock()
         rows = self._rollout(batch)
-        scores, valid, reward_metrics = self._score(batch["prompts"], rows)
+        sampled = self._clock()
+        prompts = [p for p in batch["prompts"] for _ in range(h.num_generations)]
+        raw_scores, valid, reward_metrics = self._score(prompts, rows)
+        scores, stats = self._reward_stats(raw_scores, valid)
         reference_logps = None
-        if self.reference is not None and needs_reference(h.loss_name, h.kl_coef):
+        if self.reference is not None:
             with torch.no_grad():
                 reference_logps = completion_token_logps(self.reference, rows.input_ids, rows.attention_mask,
                                                          rows.labels, temperature=h.temperature)[0]
-        stats = self._advantages(scores, valid, rows, reference_logps)
-        advantages = stats.pop("advantages")
+        scored = Scored(rows, scores, valid, reference_logps, h.num_generations, float(self.kl_coef))
+        targets, target_stats = TARGETS[h.loss_name](scored, h)
+        stats.update(target_stats)
+        keep = torch.ones_like(valid)
+        if h.drop_uniform_groups:
+            keep = drop_uniform_groups(scores, h.num_generations).repeat_interleave(h.num_generations)
+            stats["dropped_groups"] = 1.0 - keep.float().mean()
 
+        inputs = {"old_logps": rows.old_logps, "mask": rows.mask, "reference_logps": reference_logps, **targets}
+        updates = self._update(rows, inputs, keep)
+        trained = self._clock()
+        kl = scored.sequence_kl()  # after the update: a single on-policy update fills rows.old_logps
+        if kl is not None:
+            stats["objective/kl"] = kl.mean()
+        stats["objective/entropy"] = -(rows.old_logps * rows.mask).sum(-1).mean()
+        stats["objective/kl_coef"] = float(self.kl_coef)
+        if h.kl_target is not None and kl is not None:  # Ziegler et al.'s controller, once per rollout
+            observed = float(kl[valid].mean()) if valid.any() else float(h.kl_target)
+            self.kl_coef.fill_(adaptive_kl_coef(float(self.kl_coef), observed, h.kl_target, h.kl_horizon,
+                                                n_steps=len(rows.texts)))
+
+        metrics: Dict[str, Any] = {name: torch.stack([u[name] for u in updates]).float().nanmean()
+                                   for name in (updates[0] if updates else {})}
+        metrics.update(stats)
+        sampled_tokens = float(rows.lengths.sum())
+        forwarded = float(rows.attention_mask[keep].sum()) * h.num_iterations
+        metrics.update({"completions/mean_length": rows.lengths.float().mean(),
+                        "completions/clipped_ratio": rows.clipped.float().mean(),
+                        "invalid_rewards": (~valid).sum().float(),
+                        "lr": self.optimizers().param_groups[0]["lr"],
+                        "perf/generation_tokens_per_s": sampled_tokens / max(sampled - started, 1e-9),
+                        "perf/training_tokens_per_s": forwarded / max(trained - sampled, 1e-9)})
+        metrics.update({k: float(v) for k, v in reward_metrics.items() if isinstance(v, (int, float))
+                        and math.isfinite(float(v))})
+        if self.monitor is not None:
+            metrics.update(self.monitor(prompts, rows.texts))
+        for name, value in metrics.items():
+            self.log(f"{h.metric_prefix}/train/{name}", value, prog_bar=name == "reward", on_step=True,
+                     on_epoch=False, batch_size=len(batch["prompts"]))
+        self._log_completions(batch_idx, prompts, rows.texts, raw_scores)
+
+    def _update(self, rows: Rollout, inputs: Dict[str, Optional[torch.Tensor]], keep: torch.Tensor
+                ) -> List[Dict[str, torch.Tensor]]:
+        """``num_iterations`` passes of minibatch updates over the rollout; the metrics of each update."""
+        h = self.hparams
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         wanted = loss_inputs(h.loss_name)
         n = rows.input_ids.shape[0]
@@ -155,36 +331,56 @@ class OnlineGenerator(L.LightningModule):
         updates: List[Dict[str, torch.Tensor]] = []
         for _ in range(h.num_iterations):
             for start in range(0, n, size):
-                part = slice(start, start + size)
-                logps, _ = completion_token_logps(self.model, rows.input_ids[part], rows.attention_mask[part],
-                                                  rows.labels[part], temperature=h.temperature)
-                inputs = {"policy_logps": logps, "old_logps": rows.old_logps[part], "advantages": advantages[part],
-                          "mask": rows.mask[part],
-                          "reference_logps": reference_logps[part] if reference_logps is not None else None}
-                result = self.loss_fn(**{k: inputs[k] for k in wanted}, **self.loss_kwargs)
+                part = torch.arange(start, min(start + size, n), device=keep.device)
+                part = part[keep[part]]
                 optimizer.zero_grad()
-                self.manual_backward(result.loss)
-                if h.gradient_clip_val:
-                    self.clip_gradients(optimizer, gradient_clip_val=h.gradient_clip_val,
-                                        gradient_clip_algorithm="norm")
+                if len(part):
+                    result = self._loss(rows, inputs, part, wanted)
+                    self.manual_backward(result.loss)
+                    if h.gradient_clip_val:
+                        self.clip_gradients(optimizer, gradient_clip_val=h.gradient_clip_val,
+                                            gradient_clip_algorithm="norm")
+                    updates.append({"loss/policy": result.loss.detach(), **result.metrics})
+                # An empty minibatch still counts as a step (no parameter has a gradient, so none moves): the
+                # number of optimiser steps per rollout stays fixed, which max_steps and resuming rely on.
                 optimizer.step()
                 scheduler.step()
-                updates.append({"loss/policy": result.loss.detach(), **result.metrics})
+        return updates
 
-        metrics: Dict[str, Any] = {name: torch.stack([u[name] for u in updates]).float().nanmean()
-                                   for name in updates[0]}
-        metrics.update(stats)
-        metrics.update({"completions/mean_length": rows.lengths.float().mean(),
-                        "completions/clipped_ratio": rows.clipped.float().mean(),
-                        "invalid_rewards": (~valid).sum().float(),
-                        "lr": optimizer.param_groups[0]["lr"]})
-        metrics.update({k: float(v) for k, v in reward_metrics.items() if isinstance(v, (int, float))
-                        and math.isfinite(float(v))})
-        for name, value in metrics.items():
-            self.log(f"{h.metric_prefix}/train/{name}", value, prog_bar=name == "reward", on_step=True,
-                     on_epoch=False, batch_size=len(batch["prompts"]))
+    def _loss(self, rows: Rollout, inputs: Dict[str, Optional[torch.Tensor]], part: torch.Tensor, wanted):
+        h = self.hparams
+        args = (rows.input_ids[part], rows.attention_mask[part], rows.labels[part])
+        current: Dict[str, Optional[torch.Tensor]] = {}
+        if self.value_head is not None:
+            current["policy_logps"], _, current["values"] = completion_token_logps_and_values(
+                self.model, self.value_head, *args, temperature=h.temperature)
+        else:
+            current["policy_logps"], _ = completion_token_logps(self.model, *args, temperature=h.temperature)
+        sliced = {k: (v[part] if v is not None else None) for k, v in inputs.items()}
+        if rows.old_logps is None:  # a single on-policy update (see single_on_policy_update): part is every row
+            rows.old_logps = sliced["old_logps"] = current["policy_logps"].detach()
+        every = {**sliced, **current}
+        return self.loss_fn(**{k: every[k] for k in wanted}, **self.loss_kwargs)
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _log_completions(self, batch_idx: int, prompts: List[str], completions: List[str], scores: torch.Tensor
+                         ) -> None:
+        """Every ``log_completions_every`` batches, the rollout as a table, to each logger that takes tables."""
+        every = self.hparams.log_completions_every
+        if not every or batch_idx % every or not self.loggers:
+            return
+        step = self.trainer.global_step
+        rows = [[step, p, c, float(s)] for p, c, s in zip(prompts, completions, scores.tolist())]
+        for logger in self.loggers:
+            if hasattr(logger, "log_table"):
+                logger.log_table(key=f"{self.hparams.metric_prefix}/completions",
+                                 columns=["step", "prompt", "completion", "reward"], data=rows)
 
     def configure_optimizers(self):
         # Manual optimisation: global_step counts optimizer.step() calls, and training_step steps the schedule
-        # after each of them.
+        # after each of them. The optimiser covers the policy and, for PPO, the value head.
         return adamw_with_cosine_schedule(self)

@@ -43,7 +43,15 @@ def _make_inputs(
         rollout = {"policy_logps": logps, "old_logps": logps + 0.1 * torch.randn(logps.shape, generator=g, dtype=torch.float64),
                    "reference_logps": logps + 0.5 * torch.randn(logps.shape, generator=g, dtype=torch.float64),
                    "advantages": torch.randn(batch_size, generator=g, dtype=torch.float64), "mask": mask}
-        return {k: rollout[k].to(dtype) if k != "mask" else mask for k in loss_inputs(name)}
+        if name == "ppo":  # token-level advantages, and the critic's values and returns
+            token = lambda: torch.randn(logps.shape, generator=g, dtype=torch.float64)  # noqa: E731
+            rollout.update(advantages=token(), values=token(), returns=token())
+            rollout["old_values"] = rollout["values"] + 0.1 * token()
+        # online DPO: alternate chosen/rejected rows (a trailing odd row is in no pair)
+        preferences = torch.tensor([1 if i % 2 == 0 else -1 for i in range(batch_size)])
+        rollout["preferences"] = torch.where(torch.arange(batch_size) < batch_size // 2 * 2, preferences, 0)
+        keep_dtype = ("mask", "preferences")
+        return {k: rollout[k].to(dtype) if k not in keep_dtype else rollout[k] for k in loss_inputs(name)}
 
     inputs = {}
     for input_name in loss_inputs(name):

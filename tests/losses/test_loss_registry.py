@@ -33,6 +33,8 @@ EXPECTED = {
     "hypo": ("paired_online", True, {"kl"}),
     "grpo": ("online", True, {"kl", "clip_ratio/region_mean"}),
     "rloo": ("online", False, {"clip_ratio/region_mean"}),
+    "ppo": ("online", False, {"loss/policy", "loss/value", "policy/clipfrac", "val/explained_variance"}),
+    "online_dpo": ("online", True, {"rewards/chosen", "rewards/rejected", "rewards/margins", "pairs"}),
 }
 REWARD_METRICS = {
     "sft": set(),
@@ -77,7 +79,9 @@ def test_signature_tensors_required_hyperparameters_defaulted(name):
         if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
             assert p.default is inspect.Parameter.empty, f"{name}: input {p.name} must not have a default"
         else:
-            assert isinstance(p.default, (int, float)) and not isinstance(p.default, bool), (name, p.name)
+            # numbers, a named variant (loss_type) or None for "filled in by the trainer"; never a bool flag
+            assert isinstance(p.default, (int, float, str, type(None))) and not isinstance(p.default, bool), (
+                name, p.name)
     inputs = loss_inputs(name)
     data = EXPECTED[name][0]
     if data in ("paired", "paired_online"):

@@ -12,7 +12,7 @@ from rlmf.feedback.rollouts import rollout
 from rlmf.generation import stop_token_ids
 from rlmf.logprobs import completion_token_logps
 from rlmf.models import build_tiny_generator, train_tokenizer
-from rlmf.modules.online import OnlineGenerator
+from rlmf.modules.online import TARGETS, OnlineGenerator, Scored
 from rlmf.reference import frozen_copy
 from rlmf.rewards import RewardResult
 from rlmf.tasks.persona_email import build_world, corpus_texts
@@ -82,7 +82,16 @@ def _fit(tokenizer, prompts, name, reward, tmp_path, **kwargs):
     return module, trainer, logged, changed
 
 
-@pytest.mark.parametrize("name", ["grpo", "rloo"])
+OBJECTIVE_METRICS = {
+    "grpo": ("kl", "clip_ratio/region_mean"),
+    "rloo": ("clip_ratio/region_mean", "objective/non_score_reward", "objective/rlhf_reward"),
+    "ppo": ("loss/value", "policy/clipfrac", "policy/approxkl", "val/explained_variance",
+            "objective/non_score_reward", "objective/rlhf_reward"),
+    "online_dpo": ("rewards/chosen", "rewards/margins", "pairs"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVE_METRICS))
 def test_one_training_step_updates_the_policy_and_logs_trl_metrics(setup, name, tmp_path):
     tokenizer, prompts = setup
     module, trainer, logged, changed = _fit(tokenizer, prompts, name, length_reward, tmp_path,
@@ -92,12 +101,18 @@ def test_one_training_step_updates_the_policy_and_logs_trl_metrics(setup, name, 
     # trainer checks max_steps=2 between training steps (the pipeline makes max_steps a multiple of this).
     assert trainer.global_step == 4
     for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
-                "completions/clipped_ratio", "loss/policy", "kl", "clip_ratio/region_mean", "invalid_rewards",
-                "rewards/length/mean"):
+                "completions/clipped_ratio", "loss/policy", "invalid_rewards", "rewards/length/mean",
+                "objective/kl", "objective/entropy", "perf/generation_tokens_per_s", "perf/training_tokens_per_s",
+                *OBJECTIVE_METRICS[name]):
         assert f"align/train/{key}" in logged, key
         assert torch.isfinite(torch.as_tensor(logged[f"align/train/{key}"])), key
     assert float(logged["align/train/invalid_rewards"]) == 0
-    assert module.state_dict().keys() == {f"model.{k}" for k in module.model.state_dict()}, "checkpoints: policy only"
+    # Checkpoints hold the policy, the KL coefficient and (PPO) the value head, never the reference.
+    expected = {f"model.{k}" for k in module.model.state_dict()} | {"kl_coef"}
+    if name == "ppo":
+        expected |= {"value_head.linear.weight", "value_head.linear.bias"}
+        assert module.value_head.linear.weight.abs().sum() > 0, "the value head did not learn"
+    assert module.state_dict().keys() == expected
 
 
 def test_invalid_rewards_are_counted_and_get_no_advantage(setup, tmp_path):
@@ -113,10 +128,11 @@ def test_invalid_rewards_are_counted_and_get_no_advantage(setup, tmp_path):
 
     scores = torch.tensor([1.0, 5.0, 3.0, 2.0, 2.0, 9.0])
     valid = torch.tensor([True, False, True, True, True, False])
-    rows = type("R", (), {})()
-    stats = module._advantages(torch.where(valid, scores, torch.zeros(())), valid, rows, None)
-    assert torch.equal(stats["advantages"][~valid], torch.zeros(2))
-    assert stats["advantages"][0] < 0 < stats["advantages"][2]
+    filled, _ = module._reward_stats(torch.where(valid, scores, torch.full((), float("nan"))), valid)
+    assert filled.tolist() == [1.0, 2.0, 3.0, 2.0, 2.0, 2.0]  # invalid rows take their group's valid mean
+    targets, _ = TARGETS["grpo"](Scored(None, filled, valid, None, 3, 0.0), module.hparams)
+    assert torch.equal(targets["advantages"][~valid], torch.zeros(2))
+    assert targets["advantages"][0] < 0 < targets["advantages"][2]
 
 
 def test_fewer_than_two_generations_is_refused(setup):
@@ -137,3 +153,26 @@ def test_resume_position_counts_rollouts_not_optimiser_steps():
     trainer.global_step = 16
     assert training_progress(trainer, steps_per_batch=4)(3) == (1, 1)
     assert training_progress(trainer)(3) == (5, 1)
+
+
+@pytest.mark.parametrize("name", ["grpo", "online_dpo"])
+def test_a_single_on_policy_update_skips_the_scoring_forward_and_changes_nothing(setup, tmp_path, monkeypatch, name):
+    """GRPO / online DPO with one update of the whole rollout take the sampling log-probs from the update's own
+    forward (the parameters are those that sampled): the same parameters after training as with the scoring pass."""
+    tokenizer, prompts = setup
+    results = {}
+    for skip in (True, False):
+        if not skip:
+            monkeypatch.setattr(OnlineGenerator, "single_on_policy_update", property(lambda self: False))
+        calls = []
+        monkeypatch.setattr("rlmf.feedback.rollouts.completion_token_logps",
+                            lambda *a, **k: calls.append(1) or completion_token_logps(*a, **k))
+        torch.manual_seed(0)
+        module, _, logged, _ = _fit(tokenizer, prompts, name, length_reward, tmp_path / str(skip))
+        assert len(calls) == (0 if skip else 2), "one scoring forward per rollout, none when skipped"
+        results[skip] = ([p.detach() for p in module.model.parameters()], logged)
+    for a, b in zip(results[True][0], results[False][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for key in ("objective/kl", "objective/entropy"):
+        torch.testing.assert_close(torch.as_tensor(results[True][1][f"align/train/{key}"]),
+                                   torch.as_tensor(results[False][1][f"align/train/{key}"]), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,462 @@
+"""Benchmark one GRPO training step on CPU: our OnlineGenerator against TRL 1.16's GRPOTrainer, time and peak memory.
+
+One step, on both sides, is one rollout and one optimiser step: ``--prompts-per-step`` prompts each get
+``--num-generations`` sampled completions of at most ``--max-completion-length`` tokens (temperature 1, no top-k /
+top-p), a rule-based reward scores them (the completion's length in characters / 100, the same function on both
+sides, so no reward model is timed), group-relative advantages, the reference model's log-probs for the k3 KL
+(``--beta``, 0.04 by default), then forward + backward of the GRPO loss (per-completion token mean, clip 0.2),
+gradient-norm clipping at 1.0 and one AdamW step.
+
+- ``ours``: :class:`rlmf.modules.online.OnlineGenerator` (``loss_name="grpo"``, ``num_iterations=1``, the whole
+  rollout as one minibatch) under a Lightning ``Trainer`` over a ``RowsDataModule`` of the prompt rows, as
+  ``rlmf.pipeline.align_online`` builds it; a frozen copy of the policy is the reference.
+- ``trl``: ``trl.GRPOTrainer`` with ``GRPOConfig(use_cpu=True, per_device_train_batch_size=prompts * G,
+  gradient_accumulation_steps=1, num_generations=G, loss_type="grpo", beta=..., gradient_checkpointing=False,
+  bf16=False)``: in TRL 1.16 the per-device batch counts completions, and with one accumulation step one generation
+  batch of ``prompts * G`` completions is sampled and trained on per optimiser step. TRL's own defaults differ
+  (``gradient_checkpointing=True``, ``bf16=True``, ``loss_type="dapo"``, ``beta=0``): they are set to match ours.
+
+Both load the very same checkpoint: a tiny Llama (:func:`rlmf.models.build_tiny_generator`) with a BPE tokenizer
+trained on the persona-email corpus, saved once with ``save_pretrained`` into a temporary directory. Both see the
+same prompts (the persona-email training briefs), tokenised to the same ids (``<s>`` + prompt; TRL's prompt column
+carries the ``<s>`` as text, which the tokenizer maps to the bos id; checked before the runs).
+
+TRL skips the sampling policy's log-prob forward when each rollout gets exactly one optimiser step (its ratio is
+then 1 by construction); our rollout always scores the drawn tokens again without gradient, so ours does one more
+no-grad forward per step.
+
+Each implementation runs in a fresh subprocess with ``--threads`` torch threads: 1 by default, because on a 2-core
+machine shared with other jobs two OpenMP threads that spin-wait for each other made a tiny model's ``generate``
+over 100x slower (``--threads 0`` keeps torch's default). Step time: Lightning's ``on_train_batch_start`` /
+``_end`` (ours), the ``TrainerCallback``'s ``on_step_begin`` / ``on_step_end`` (TRL); the first ``--warmup`` steps
+are dropped and the median of the rest is reported, with the process's CPU time (user + system, all threads) per
+step beside it.
+Tokens/s is prompt + completion tokens (unpadded, the stop token included) of the timed steps over their summed
+step time. Peak memory is the process's peak resident set (VmHWM, reset through ``/proc/self/clear_refs`` when
+training starts, so it covers the training steps only), both absolute (libraries and both models included) and
+above the resident set at that reset. Results are printed and written to ``experiments/results/bench_grpo_cpu.csv``
+(``bench_grpo_cpu_quick.csv`` with ``--quick``).
+
+    python experiments/bench_grpo.py --quick                     # under a minute on 2 cores
+    python experiments/bench_grpo.py                             # 4.5M-parameter Llama, ~2-3 minutes on 2 cores
+    python experiments/bench_grpo.py --hidden-size 512 --layers 8 --num-generations 4 --max-completion-length 64
+    python experiments/bench_grpo.py --threads 0 --beta 0        # torch's thread count; no KL on either side
+    python experiments/bench_grpo.py --impls ours --steps 20     # one side only
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+IMPLEMENTATIONS = ("ours", "trl")
+RESULT_MARK = "BENCH_GRPO_RESULT "
+DEFAULTS = dict(hidden_size=256, layers=4, heads=4, vocab=1000, num_generations=8, prompts_per_step=4,
+                max_completion_length=128, steps=10, warmup=2)
+QUICK = dict(hidden_size=64, layers=1, heads=2, vocab=512, num_generations=4, prompts_per_step=2,
+             max_completion_length=32, steps=6, warmup=2)
+
+
+def length_score(completion: str) -> float:
+    """The benchmark's reward: the completion's length in characters / 100 (cheap, deterministic, never invalid)."""
+    return len(completion) / 100.0
+
+
+# ------------------------------------------------------------------------------------------ memory and CPU time
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads): less sensitive than wall time to a busy machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_reset_peak() -> int:
+    """Reset the peak RSS to the current RSS; returns the current RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status("VmRSS")
+
+
+def _cpu_peak() -> int:
+    return _proc_status("VmHWM")
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+class StepLog:
+    """What a worker records per step, and the peak memory of its training, whichever trainer drives it."""
+
+    def __init__(self):
+        self.begin = self.cpu_begin = 0.0
+        self.times, self.cpu_times, self.prompt_tokens, self.completion_tokens = [], [], [], []
+        self.base_rss = self.peak_rss = 0
+
+    def train_start(self):
+        self.base_rss = _cpu_reset_peak()
+
+    def step_start(self):
+        self.begin, self.cpu_begin = time.perf_counter(), _cpu_seconds()
+
+    def step_end(self):
+        self.times.append(time.perf_counter() - self.begin)
+        self.cpu_times.append(_cpu_seconds() - self.cpu_begin)
+
+    def train_end(self):
+        self.peak_rss = _cpu_peak()
+
+    def summary(self, warmup: int, max_completion_tokens: int) -> dict:
+        if len(self.times) <= warmup:
+            raise RuntimeError(f"only {len(self.times)} steps ran; need more than --warmup={warmup}")
+        if not (len(self.prompt_tokens) == len(self.completion_tokens) == len(self.times)):
+            raise RuntimeError(f"token counts for {len(self.prompt_tokens)} / {len(self.completion_tokens)} steps, "
+                               f"times for {len(self.times)}")
+        times, cpu = self.times[warmup:], self.cpu_times[warmup:]
+        prompt, completion = self.prompt_tokens[warmup:], self.completion_tokens[warmup:]
+        return {
+            "steps_timed": len(times),
+            "s_per_step": statistics.median(times),
+            "s_per_step_min": min(times),
+            "s_per_step_max": max(times),
+            "cpu_s_per_step": statistics.median(cpu),
+            "prompt_tokens_per_step": sum(prompt) / len(prompt),
+            "completion_tokens_per_step": sum(completion) / len(completion),
+            "completion_fill": sum(completion) / len(completion) / max_completion_tokens,
+            "tokens_per_s": (sum(prompt) + sum(completion)) / sum(times),
+            "peak_rss_mb": self.peak_rss / 2**20,
+            "base_rss_mb": self.base_rss / 2**20,
+            "train_peak_mb": (self.peak_rss - self.base_rss) / 2**20,
+            "all_step_times": [round(t, 4) for t in self.times],
+        }
+
+
+# ------------------------------------------------------------------------------------------ the two workers
+
+
+def _worker(spec: dict) -> dict:
+    """Runs in its own process: train ``warmup + steps`` GRPO steps with one implementation, timing each."""
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    with open(spec["prompts_file"]) as f:
+        prompts = json.load(f)
+    log = StepLog()
+    run = _run_ours if spec["impl"] == "ours" else _run_trl
+    extra = run(spec, prompts, log)
+    most = spec["prompts_per_step"] * spec["num_generations"] * spec["max_completion_length"]
+    out = log.summary(spec["warmup"], most)
+    out.update(extra, threads=torch.get_num_threads())
+    return out
+
+
+def _run_ours(spec: dict, prompts, log: StepLog) -> dict:
+    import lightning as L
+    import torch
+
+    from rlmf.data.collate import OnlinePromptCollator, tokenize_prompts
+    from rlmf.data.formats import PromptOnly
+    from rlmf.data.loading import RowsDataModule
+    from rlmf.generation import stop_token_ids
+    from rlmf.models import load_generator
+    from rlmf.modules.online import OnlineGenerator, needs_reference
+    from rlmf.reference import frozen_copy
+
+    L.seed_everything(spec["seed"], verbose=False)
+    model, tokenizer = load_generator(spec["checkpoint"])
+    g = spec["num_generations"]
+
+    def reward(prompt_texts, completions):
+        scores = torch.tensor([length_score(c) for c in completions], dtype=torch.float32)
+        return scores, torch.ones(len(completions), dtype=torch.bool)
+
+    # GRPO's registered objective takes reference log-probs whatever beta is, so ours keeps a reference even at
+    # beta 0 (TRL drops it there); --beta 0 therefore times one more no-grad forward on our side.
+    reference = frozen_copy(model) if needs_reference("grpo", 0.0) or spec["beta"] else None
+    module = OnlineGenerator(
+        model, tokenizer, reward, loss_name="grpo", loss_kwargs={"beta": spec["beta"]}, reference=reference,
+        num_generations=g, num_iterations=1, minibatch_size=None, temperature=1.0,
+        max_new_tokens=spec["max_completion_length"], scale_rewards="group", lr=spec["lr"], warmup_ratio=0.0,
+        gradient_clip_val=1.0, stop_token_ids=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
+    features = tokenize_prompts([PromptOnly(p) for p in prompts], tokenizer, None)
+    rows = [{**f, "prompt": p} for f, p in zip(features, prompts)]
+    data = RowsDataModule(rows, [], OnlinePromptCollator(tokenizer.pad_token_id), spec["prompts_per_step"],
+                          seed=spec["seed"])
+
+    class Timer(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            log.train_start()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            log.prompt_tokens.append(int(batch["prompt_mask"].sum()) * g)
+            log.step_start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            log.step_end()
+            # OnlineGenerator logs the rollout's mean completion length (stop token included) under TRL's name.
+            mean_length = float(trainer.callback_metrics["align/train/completions/mean_length"])
+            log.completion_tokens.append(mean_length * batch["prompt_ids"].shape[0] * g)
+
+        def on_train_end(self, trainer, pl_module):
+            log.train_end()
+
+    with tempfile.TemporaryDirectory() as root:
+        trainer = L.Trainer(max_steps=spec["warmup"] + spec["steps"], accelerator="cpu", devices=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Timer()], default_root_dir=root)
+        trainer.fit(module, datamodule=data)
+    return {"attn": model.config._attn_implementation, "reference": reference is not None}
+
+
+def _run_trl(spec: dict, prompts, log: StepLog) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["checkpoint"])
+    g, per_step = spec["num_generations"], spec["prompts_per_step"]
+    # Our collator puts bos before each prompt; TRL tokenises the prompt text as is, so the text carries it.
+    dataset = Dataset.from_dict({"prompt": [tokenizer.bos_token + p for p in prompts]})
+
+    def length_reward(prompts, completions, **kwargs):
+        return [length_score(c) for c in completions]
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.seen = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            log.train_start()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            log.step_start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            log.step_end()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # logging_steps=1: one log per optimiser step. num_tokens is TRL's running count of prompt + completion
+            # tokens (unpadded); completions/mean_length includes the stop token, like ours.
+            if logs and "completions/mean_length" in logs:
+                completion = logs["completions/mean_length"] * per_step * g
+                log.completion_tokens.append(completion)
+                log.prompt_tokens.append(logs["num_tokens"] - self.seen - completion)
+                self.seen = logs["num_tokens"]
+
+        def on_train_end(self, args, state, control, **kwargs):
+            log.train_end()
+
+    with tempfile.TemporaryDirectory() as root:
+        config = GRPOConfig(
+            output_dir=root, use_cpu=True, seed=spec["seed"], max_steps=spec["warmup"] + spec["steps"],
+            per_device_train_batch_size=per_step * g, gradient_accumulation_steps=1, num_generations=g,
+            max_completion_length=spec["max_completion_length"], temperature=1.0, top_k=0, top_p=1.0,
+            beta=spec["beta"], loss_type="grpo", scale_rewards="group", epsilon=0.2, num_iterations=1,
+            learning_rate=spec["lr"], lr_scheduler_type="constant", max_grad_norm=1.0,
+            gradient_checkpointing=False, bf16=False, fp16=False, model_init_kwargs={"dtype": torch.float32},
+            report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
+        trainer = GRPOTrainer(model=spec["checkpoint"], reward_funcs=length_reward, args=config,
+                              train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()])
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        attn = trainer.model.config._attn_implementation
+    return {"attn": attn, "reference": trainer.ref_model is not None}
+
+
+# ----------------------------------------------------------------------------------------------- the driver
+
+
+def _build_checkpoint(directory: Path, args) -> dict:
+    """Save the tiny model and its tokenizer under ``directory`` and the prompts beside them."""
+    from rlmf.data.collate import tokenize_prompts
+    from rlmf.data.formats import PromptOnly
+    from rlmf.models import build_tiny_generator, save_generator, train_tokenizer
+    from rlmf.tasks.persona_email import build_world, corpus_texts
+
+    world = build_world(seed=0)
+    tokenizer = train_tokenizer(corpus_texts(world), vocab_size=args.vocab)
+    prompts = [b.prompt for b in world.train]
+    longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]) + 1
+    model = build_tiny_generator(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers,
+                                 num_heads=args.heads, intermediate_size=4 * args.hidden_size,
+                                 max_position_embeddings=longest + args.max_completion_length + 8, seed=0)
+    ours = [f["prompt_ids"] for f in tokenize_prompts([PromptOnly(p) for p in prompts], tokenizer, None)]
+    theirs = tokenizer(text=[tokenizer.bos_token + p for p in prompts])["input_ids"]  # as GRPOTrainer tokenises
+    if ours != theirs:
+        raise RuntimeError("the two sides would tokenise the prompts differently")
+    save_generator(model, tokenizer, directory / "checkpoint")
+    with open(directory / "prompts.json", "w") as f:
+        json.dump(prompts, f)
+    return {"vocab": len(tokenizer), "params": sum(p.numel() for p in model.parameters()), "prompts": len(prompts),
+            "longest_prompt": longest}
+
+
+def _measure(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f}s"}
+    wall = time.perf_counter() - start
+    results = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if proc.returncode != 0 or not results:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        return {"error": tail[0][:300], "stderr_tail": (proc.stderr or "")[-3000:]}
+    return {**json.loads(results[-1][len(RESULT_MARK):]), "process_wall_s": wall}
+
+
+def _print_table(rows, title):
+    headers = ["implementation", "s/step (median)", "completion tokens/step", "tokens/s", "peak RSS (MB)",
+               "train peak above base (MB)", "CPU s/step", "note"]
+    lines = []
+    for r in rows:
+        if "s_per_step" not in r:
+            lines.append([r["impl"], "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", r.get("note", "")])
+            continue
+        lines.append([r["impl"], f"{r['s_per_step']:.3f}",
+                      f"{r['completion_tokens_per_step']:.0f} ({100 * r['completion_fill']:.0f}% of max)",
+                      f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{r['train_peak_mb']:.0f}",
+                      f"{r['cpu_s_per_step']:.2f}", r.get("note", "")])
+    print(f"\n{title}\n")
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "|".join("---" for _ in headers) + "|")
+    for line in lines:
+        print("| " + " | ".join(str(x) for x in line) + " |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny model and a few short steps: a smoke run (explicit options still win)")
+    parser.add_argument("--steps", type=int, default=None, help=f"timed steps (default {DEFAULTS['steps']})")
+    parser.add_argument("--warmup", type=int, default=None, help=f"untimed first steps (default {DEFAULTS['warmup']})")
+    parser.add_argument("--num-generations", type=int, default=None,
+                        help=f"completions per prompt, G (default {DEFAULTS['num_generations']})")
+    parser.add_argument("--prompts-per-step", type=int, default=None,
+                        help=f"prompts per rollout (default {DEFAULTS['prompts_per_step']})")
+    parser.add_argument("--max-completion-length", type=int, default=None,
+                        help=f"sampled tokens per completion at most (default {DEFAULTS['max_completion_length']})")
+    parser.add_argument("--hidden-size", type=int, default=None, help=f"default {DEFAULTS['hidden_size']}; "
+                        "the MLP is 4x wider")
+    parser.add_argument("--layers", type=int, default=None, help=f"default {DEFAULTS['layers']}")
+    parser.add_argument("--heads", type=int, default=None, help=f"default {DEFAULTS['heads']}")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help=f"BPE vocabulary asked for (default {DEFAULTS['vocab']}; the corpus caps it near 1.1k)")
+    parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient on both sides (0: TRL drops its "
+                        "reference model; ours keeps one)")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads in the workers (default 1; 0: torch's default, one per core)")
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="ours, trl or both (comma-separated)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per implementation")
+    parser.add_argument("--out", default=None,
+                        help="CSV path (default: results/bench_grpo_cpu.csv; with --quick, bench_grpo_cpu_quick.csv)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(RESULT_MARK + json.dumps(_worker(json.loads(args.worker))), flush=True)
+        return
+
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.num_generations < 2:
+        raise SystemExit(f"--num-generations={args.num_generations}: GRPO needs at least 2")
+    impls = [x.strip() for x in args.impls.split(",") if x.strip()]
+    unknown = sorted(set(impls) - set(IMPLEMENTATIONS))
+    if unknown:
+        raise SystemExit(f"--impls: {unknown} not among {IMPLEMENTATIONS}")
+
+    import torch
+    import transformers
+    import trl
+
+    threads = args.threads or torch.get_num_threads()
+    started = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        info = _build_checkpoint(Path(tmp), args)
+        setting = dict(hidden_size=args.hidden_size, layers=args.layers, heads=args.heads, vocab=info["vocab"],
+                       params=info["params"], num_generations=args.num_generations,
+                       prompts_per_step=args.prompts_per_step, max_completion_length=args.max_completion_length,
+                       beta=args.beta, steps=args.steps, warmup=args.warmup, threads=threads)
+        print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
+              f"threads={threads}")
+        print(f"model: Llama, hidden {args.hidden_size}, {args.layers} layers, {args.heads} heads, vocab "
+              f"{info['vocab']}, {info['params'] / 1e6:.2f}M parameters; {info['prompts']} prompts (longest "
+              f"{info['longest_prompt']} tokens with bos)")
+        print(f"step: {args.prompts_per_step} prompts x {args.num_generations} completions of <= "
+              f"{args.max_completion_length} tokens, beta {args.beta}; {args.warmup} warm-up + {args.steps} timed "
+              "steps per implementation", flush=True)
+        for impl in impls:
+            spec = dict(impl=impl, checkpoint=str(Path(tmp) / "checkpoint"),
+                        prompts_file=str(Path(tmp) / "prompts.json"), num_generations=args.num_generations,
+                        prompts_per_step=args.prompts_per_step, max_completion_length=args.max_completion_length,
+                        steps=args.steps, warmup=args.warmup, beta=args.beta, lr=args.lr, seed=args.seed,
+                        threads=args.threads)
+            row = {"impl": impl, **setting, **_measure(spec, args.timeout)}
+            if "error" in row:
+                row["note"] = row.pop("error")
+                print(f"  {impl}: FAILED: {row['note']}\n{row.pop('stderr_tail', '')}", flush=True)
+            else:
+                row["note"] = f"attn {row.pop('attn')}" + ("" if row.pop("reference") else ", no reference model")
+                print(f"  {impl}: {row['s_per_step']:.3f} s/step (median of {row['steps_timed']}), "
+                      f"{row['completion_tokens_per_step']:.0f} completion tokens/step, peak RSS "
+                      f"{row['peak_rss_mb']:.0f} MB; process {row['process_wall_s']:.0f} s; step times "
+                      f"{row['all_step_times']}", flush=True)
+            rows.append(row)
+
+    _print_table(rows, f"GRPO step on CPU ({threads} threads): {args.prompts_per_step} prompts x "
+                       f"{args.num_generations} completions x <= {args.max_completion_length} tokens, "
+                       f"{info['params'] / 1e6:.2f}M-parameter Llama")
+    by = {r["impl"]: r for r in rows if "s_per_step" in r}
+    if "ours" in by and "trl" in by:
+        ours, ref = by["ours"], by["trl"]
+        ours["speedup_vs_trl"] = ref["s_per_step"] / ours["s_per_step"]
+        ours["peak_ratio_vs_trl"] = ours["peak_rss_mb"] / ref["peak_rss_mb"]
+        ours["train_peak_ratio_vs_trl"] = ours["train_peak_mb"] / ref["train_peak_mb"]
+        print()
+        print(f"TRL s/step / ours s/step = {ours['speedup_vs_trl']:.2f}")
+        print(f"ours peak / TRL peak = {ours['peak_ratio_vs_trl']:.2f} (peak RSS); "
+              f"{ours['train_peak_ratio_vs_trl']:.2f} (training peak above the RSS at train start)")
+        print(f"TRL CPU s/step / ours CPU s/step = {ref['cpu_s_per_step'] / ours['cpu_s_per_step']:.2f}")
+        most = args.prompts_per_step * args.num_generations * args.max_completion_length
+        print(f"completion tokens/step: ours {ours['completion_tokens_per_step']:.0f}, "
+              f"TRL {ref['completion_tokens_per_step']:.0f} (at most {most})")
+    out = Path(args.out) if args.out else RESULTS / ("bench_grpo_cpu_quick.csv" if args.quick else "bench_grpo_cpu.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["impl", "hidden_size", "layers", "heads", "vocab", "params", "num_generations", "prompts_per_step",
+              "max_completion_length", "beta", "steps", "warmup", "threads", "steps_timed", "s_per_step",
+              "s_per_step_min", "s_per_step_max", "cpu_s_per_step", "prompt_tokens_per_step",
+              "completion_tokens_per_step", "completion_fill", "tokens_per_s", "peak_rss_mb", "base_rss_mb",
+              "train_peak_mb", "speedup_vs_trl", "peak_ratio_vs_trl", "train_peak_ratio_vs_trl", "process_wall_s",
+              "note"]
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}; total wall {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
