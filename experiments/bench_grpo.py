@@ -21,9 +21,9 @@ trained on the persona-email corpus, saved once with ``save_pretrained`` into a 
 same prompts (the persona-email training briefs), tokenised to the same ids (``<s>`` + prompt; TRL's prompt column
 carries the ``<s>`` as text, which the tokenizer maps to the bos id; checked before the runs).
 
-TRL skips the sampling policy's log-prob forward when each rollout gets exactly one optimiser step (its ratio is
-then 1 by construction); our rollout always scores the drawn tokens again without gradient, so ours does one more
-no-grad forward per step.
+With exactly one optimiser step per rollout neither side runs a separate no-grad forward for the sampling policy's
+log-probs: they are the update's own, detached (the ratio is 1 by construction; ``OnlineGenerator.
+single_on_policy_update``); with several updates per rollout both would need that forward.
 
 Each implementation runs in a fresh subprocess with ``--threads`` torch threads: 1 by default, because on a 2-core
 machine shared with other jobs two OpenMP threads that spin-wait for each other made a tiny model's ``generate``

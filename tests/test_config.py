@@ -79,7 +79,7 @@ def test_semantic_errors_name_the_key_and_the_choices(compose, monkeypatch):
         validate(compose("generator.logprob_backend=triton", "trainer.accelerator=cpu"))
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "online_dpo"])
 def test_online_algorithms_need_a_group_of_two(compose, algo):
     validate(compose(f"algo={algo}"))
     with pytest.raises(ConfigError, match=r"algo.online.num_generations=1 must be at least 2"):
@@ -90,6 +90,26 @@ def test_online_algorithms_need_a_group_of_two(compose, algo):
         validate(compose(f"algo={algo}", "algo.reference=precomputed"))
     with pytest.raises(ConfigError, match=r"trainer.accumulate_grad_batches=2 does not apply"):
         validate(compose(f"algo={algo}", "trainer.accumulate_grad_batches=2"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["algo=ppo", "algo.online.num_generations=0"], r"num_generations=0 must be at least 1"),
+    (["algo=ppo", "algo.online.kl_target=-1"], r"kl_target=-1.0, kl_horizon=10000.0 and kl_coef=0.05 must all be > 0"),
+    (["algo=grpo", "algo.online.kl_target=6"], r"kl_target applies where the KL is in the reward \(ppo, rloo\)"),
+    (["algo=ppo", "algo.online.lam=1.5"], r"algo.online.lam=1.5 must lie in \[0, 1\]"),
+    (["algo=ppo", "algo.online.drop_uniform_groups=true"], r"drop_uniform_groups applies to the group objectives"),
+    (["algo=grpo", "algo.loss.loss_type=bnpo"], r"algo.loss.loss_type='bnpo' is not valid; choose one of: grpo, dapo"),
+    (["algo=online_dpo", "algo.loss.loss_type=hinge"], r"loss_type='hinge' is not valid; choose one of: sigmoid, ipo"),
+    (["algo=online_dpo", "algo.online.minibatch_size=3"], r"minibatch_size=3 must be a multiple of .*num_generations=2"),
+    (["algo=ppo", "algo.online.log_completions_every=-1"], r"log_completions_every=-1 must be >= 0"),
+])
+def test_bad_online_settings_fail_with_what_is_allowed(compose, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(*overrides))
+
+
+def test_ppo_allows_one_generation_per_prompt(compose):
+    validate(compose("algo=ppo", "algo.online.num_generations=1", "algo.online.kl_target=6"))
 
 
 def _cli(*args):

@@ -30,10 +30,12 @@ class Interrupt(L.Callback):
     """At ``step`` of ``stage``: SIGTERM to this process, or a crash (as if killed, without saving)."""
 
     def __init__(self, how):
-        self.how = how
+        self.how, self.fired = how, False
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
+        # >=: an online batch (a rollout) makes several optimiser steps at once
+        if trainer.global_step >= self.step and not self.fired:
+            self.fired = True
             if self.how == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)
             else:
@@ -56,8 +58,8 @@ def _interrupt_in(monkeypatch, stage, how):
     """Make the next job stop in ``stage``: during training for sft/discriminator/align, while sampling otherwise."""
     make_trainer, generate = rlmf.pipeline.make_trainer, rlmf.pipeline.generate
 
-    def trainer_with_interrupt(run, name, max_steps, validate=True):
-        trainer = make_trainer(run, name, max_steps, validate)
+    def trainer_with_interrupt(run, name, max_steps, validate=True, **kwargs):
+        trainer = make_trainer(run, name, max_steps, validate, **kwargs)
         if name == stage:
             callback = Interrupt(how)
             # SIGTERM after the first periodic checkpoint; a crash strictly between two of them.
@@ -114,6 +116,27 @@ def test_interrupted_in_every_stage_resumes_to_the_same_summary(uninterrupted, c
         assert not list(run_dir.rglob("*.tmp")), "no half-written file left behind"
     run_job(compose(*QUICK), run_dir)
     same_summary(json.loads((run_dir / "summary.json").read_text()), uninterrupted)
+
+
+def test_online_ppo_interrupted_mid_align_resumes_exactly(compose, tmp_path):
+    """PPO's whole training state (policy, value head, optimiser, the adaptive KL coefficient, the sampling RNG and
+    the prompt order) comes back: an align stage stopped by SIGTERM between rollouts ends as an uninterrupted one.
+    (A crash between checkpoints resumes through the same checkpoint; the offline test above covers it.)"""
+    ppo = (*QUICK, "algo=ppo", "algo.online.kl_target=1.0", "algo.optim.max_steps=6")
+    base = tmp_path / "base"
+    run_job(compose(*ppo, "stage.stages=[sft,feedback,discriminator]"), base)
+    aligned = (*ppo, "stage.stages=[align,evaluate]", f"stage.from_run={base}")
+    want = run_job(compose(*aligned), tmp_path / "uninterrupted")
+    run_dir = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        _interrupt_in(patch, "align", "sigterm")
+        with pytest.raises(SystemExit) as stopped:
+            run_job(compose(*aligned), run_dir)
+    assert stopped.value.code == EXIT_PREEMPTED
+    assert (run_dir / "align" / "checkpoints" / "last.ckpt").exists() and not (run_dir / "align" / "done.json").exists()
+    got = run_job(compose(*aligned), run_dir)
+    assert "align/train/objective/kl" in got and "gold/reply_rate/aligned" in got
+    same_summary(got, want)
 
 
 def _rlmf_train(run_dir, *overrides):

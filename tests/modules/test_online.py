@@ -176,3 +176,32 @@ def test_a_single_on_policy_update_skips_the_scoring_forward_and_changes_nothing
     for key in ("objective/kl", "objective/entropy"):
         torch.testing.assert_close(torch.as_tensor(results[True][1][f"align/train/{key}"]),
                                    torch.as_tensor(results[False][1][f"align/train/{key}"]), rtol=1e-5, atol=1e-6)
+
+
+def test_completions_table_goes_to_loggers_that_take_tables(setup, tmp_path):
+    from lightning.pytorch.loggers.logger import DummyLogger
+
+    class TableLogger(DummyLogger):
+        def __init__(self):
+            super().__init__()
+            self.tables = []
+
+        def log_table(self, key, columns, data):
+            self.tables.append((key, columns, data))
+
+    tokenizer, prompts = setup
+    model = tiny_model(tokenizer)
+    logger = TableLogger()
+    module = OnlineGenerator(model, tokenizer, length_reward, loss_name="rloo", kl_coef=0.0, num_generations=2,
+                             max_new_tokens=6, stop_token_ids=stop_token_ids(model, tokenizer),
+                             pad_token_id=tokenizer.pad_token_id, log_completions_every=2)
+    data = RowsDataModule(prompt_rows(tokenizer, prompts), [], OnlinePromptCollator(tokenizer.pad_token_id),
+                          batch_size=1)
+    trainer = L.Trainer(max_steps=3, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0,
+                        accelerator="cpu")
+    trainer.fit(module, datamodule=data)
+    assert [len(data) for _, _, data in logger.tables] == [2, 2], "batches 0 and 2 of 3, two completions each"
+    key, columns, rows = logger.tables[0]
+    assert key == "align/completions" and columns == ["step", "prompt", "completion", "reward"]
+    assert rows[0][1] in prompts and rows[0][3] == float(len(rows[0][2]))
