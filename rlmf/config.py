@@ -261,6 +261,12 @@ def validate(cfg: DictConfig) -> None:
                           "precomputed or lora")
     if get_loss(cfg.algo.name).data_format == "online":
         _validate_online(cfg)
+    from rlmf.tasks.base import task_class
+
+    try:
+        task_class(cfg.task.name)
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from None
     if cfg.task.name == "preference_files":
         _choice("task.on_bad_row", cfg.task.on_bad_row, ("error", "skip"))
     if cfg.get("reward") is not None:

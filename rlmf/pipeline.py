@@ -30,7 +30,7 @@ from rlmf.models import build_tiny_generator, load_generator, save_generator, tr
 from rlmf.distributed import is_main_process, main_process_first
 from rlmf.placement import Placement, resolve_precision
 from rlmf.resume import AtomicCheckpointIO, RandomState, SaveOnInterrupt, fit
-from rlmf.tasks import persona_email
+from rlmf.tasks.base import Task, build_task
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +39,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Run:
-    """What every stage shares: the config, the run directory, the task world, the loggers, the results so far."""
+    """What every stage shares: the config, the run directory, the task, the loggers, the results so far."""
 
     cfg: DictConfig
     run_dir: Path
     sweep_group: Optional[str] = None
     results: Dict[str, Any] = field(default_factory=dict)
-    _world: Any = None
+    _task: Optional[Task] = None
     _wandb: Any = None
-    _file_pairs: Dict[str, List[Any]] = field(default_factory=dict)
 
     @property
-    def world(self) -> persona_email.World:
-        if self._world is None:
-            t = self.cfg.task
-            self._world = persona_email.build_world(
-                seed=self.cfg.seed, num_prospects=t.num_prospects, emails_per_prospect=t.emails_per_prospect,
-                heldout_persona_fraction=t.heldout_persona_fraction, validation_fraction=t.validation_fraction,
-                demo_quality=t.demo_quality)
-        return self._world
+    def task(self) -> Task:
+        """The task (``task.name``; :mod:`rlmf.tasks.base`): the stages ask it for data, feedback and gold."""
+        if self._task is None:
+            self._task = build_task(self.cfg.task, self.cfg.seed)
+        return self._task
 
     @property
     def placement(self) -> Placement:
@@ -81,47 +77,13 @@ class Run:
             raise ConfigError("reward is null: choose one of the conf/reward options (reward=discriminator, ...)")
         found = self.finished_dir("discriminator")
         context = {"discriminator_path": found / "model"} if found is not None else {}
-        if not self.uses_files:
-            context["world"] = self.world
+        context.update(self.task.reward_context())
         return build_reward(self.cfg.reward, self.placement, **context)
 
     def load_discriminator(self, path: Path):
         from rlmf.modules.discriminator import Discriminator
 
         return self.placement.put(Discriminator.load(path))
-
-    @property
-    def uses_files(self) -> bool:
-        return self.cfg.task.name == "preference_files"
-
-    def file_pairs(self, split: str) -> List[Any]:
-        """Preference pairs of ``task.train`` (split "train") or ``task.eval`` (split "eval"), bad rows per config.
-
-        Without ``task.eval`` the last tenth of the training rows is held out.
-        """
-        from rlmf.data import load_pairs
-
-        if split not in self._file_pairs:
-            t = self.cfg.task
-            if split == "eval" and t.eval:
-                rows, report = load_pairs(t.eval, split=t.eval_split, subset=t.subset, on_bad_row=t.on_bad_row)
-            else:
-                rows, report = load_pairs(t.train, split=t.split, subset=t.subset, on_bad_row=t.on_bad_row)
-                if not t.eval:
-                    n_eval = max(1, len(rows) // 10)
-                    rows = rows[-n_eval:] if split == "eval" else rows[:-n_eval]
-            log.info("%s data: %s", split, report)
-            self._file_pairs[split] = rows
-        return self._file_pairs[split]
-
-    def eval_prompts(self) -> List[Any]:
-        """Held-out prompts (``PromptOnly``: text, and messages for chat rows, which render through the chat
-        template when the tokenizer has one)."""
-        from rlmf.data import PromptOnly
-
-        if self.uses_files:
-            return [PromptOnly(p.prompt, p.prompt_messages) for p in self.file_pairs("eval")[: self.cfg.task.eval_prompts]]
-        return [PromptOnly(b.prompt) for b in self.world.heldout[: self.cfg.task.eval_prompts]]
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
@@ -260,11 +222,7 @@ def initial_generator(run: Run):
     g = run.cfg.generator
     if g.kind == "hf":
         return run.load_generator(g.name_or_path)
-    if run.uses_files:
-        texts = [x for p in run.file_pairs("train") for x in (p.prompt + p.chosen, p.prompt + p.rejected)]
-    else:
-        texts = persona_email.corpus_texts(run.world)
-    tokenizer = train_tokenizer(texts, vocab_size=g.tiny.vocab_size)
+    tokenizer = train_tokenizer(run.task.corpus(), vocab_size=g.tiny.vocab_size)
     model = build_tiny_generator(tokenizer, hidden_size=g.tiny.hidden_size, num_layers=g.tiny.num_layers,
                                  num_heads=g.tiny.num_heads, intermediate_size=g.tiny.intermediate_size,
                                  max_position_embeddings=g.tiny.max_position_embeddings, seed=run.cfg.seed)
@@ -306,13 +264,7 @@ def stage_sft(run: Run) -> Dict[str, Any]:
     if is_main_process():
         save_generator(model, tokenizer, out / "initial")
     g, opt = run.cfg.generator, run.cfg.generator.sft
-    if run.uses_files:  # SFT on the preferred completions (with their messages, for a chat template)
-        from rlmf.data import pairs_to_feedback
-
-        train, validation = ([f for f in pairs_to_feedback(run.file_pairs(split)) if f.desirable]
-                             for split in ("train", "eval"))
-    else:
-        train, validation = run.world.demonstrations["train"], run.world.demonstrations["validation"]
+    train, validation = run.task.demonstrations("train"), run.task.demonstrations("validation")
     data = SFTDataModule(train, validation, tokenizer,
                          batch_size=opt.batch_size, max_length=g.max_length, max_prompt_length=g.max_prompt_length,
                          seed=run.cfg.seed, num_workers=run.cfg.trainer.num_workers)
@@ -333,8 +285,8 @@ def stage_sft(run: Run) -> Dict[str, Any]:
 
 
 def gold_reply_rates(run: Run, prompts: List[str], completions: List[str]) -> List[float]:
-    sim, world = run.world.simulator, run.world
-    return [sim.reply_probability(world.brief_for(p).prospect, c) for p, c in zip(prompts, completions)]
+    """The task's ground truth of each completion (the persona-email simulator's reply probability)."""
+    return run.task.gold(prompts, completions)
 
 
 def sample(run: Run, model, tokenizer, prompts: List[Any], k: int, seed: int, what: str = "sampling", **kwargs):
@@ -353,39 +305,33 @@ def score(run: Run, discriminator, prompts: List[str], completions: List[str]) -
 
 
 def stage_feedback(run: Run) -> Dict[str, Any]:
-    """A/B feedback from the simulated recipients on the SFT generator's emails.
+    """A/B feedback from the task's feedback source (the simulated recipients) on the SFT generator's completions.
 
-    For each training brief the SFT generator writes ``feedback_samples_per_prompt`` emails; the recipient replies
-    to each with its gold probability (one Bernoulli draw). Only the replies are kept: each replied email is paired
-    with an unanswered one for the same brief (``pairs.jsonl``), and every email with its reply is a thumbs row
-    (``thumbs.jsonl``). ``heldout_pairs.jsonl`` holds emails for held-out personas ordered by gold probability:
-    evaluation data for the discriminator, never trained on.
+    For each feedback prompt the SFT generator writes ``feedback_samples_per_prompt`` completions and the task answers
+    each (a reply or not: :meth:`rlmf.tasks.base.Task.feedback`). Each answered completion is paired with an
+    unanswered one for the same prompt (``pairs.jsonl``), and every completion with its answer is a thumbs row
+    (``thumbs.jsonl``): :func:`rlmf.feedback.ab.ab_feedback`. With a gold metric, ``heldout_pairs.jsonl`` holds
+    completions for held-out prompts ordered by it: evaluation data for the discriminator, never trained on.
     """
-    from rlmf.data import FeedbackExample, PreferencePair, write_jsonl
+    from rlmf.data import write_jsonl
+    from rlmf.feedback.ab import ab_feedback, gold_ordered_pairs
 
-    t, world = run.cfg.task, run.world
+    task = run.task
     model, tokenizer = run.load_generator(run.require("sft") / "generator")
-    k = t.feedback_samples_per_prompt
-    briefs = world.train[: t.feedback_prompts]
-    emails = sample(run, model, tokenizer, [b.prompt for b in briefs], k, seed=run.cfg.seed + 1,
+    k = task.setting("feedback_samples_per_prompt", 4)
+    prompts = [p.prompt for p in task.feedback_prompts()]
+    emails = sample(run, model, tokenizer, task.feedback_prompts(), k, seed=run.cfg.seed + 1,
                     what="feedback emails")
-    rng = random.Random(run.cfg.seed + 2)
-    pairs, thumbs = [], []
-    for i, brief in enumerate(briefs):
-        drawn = [(e, world.simulator.draw_reply(brief.prospect, e, rng)) for e in emails[i * k:(i + 1) * k]]
-        thumbs += [FeedbackExample(brief.prompt, e, replied) for e, replied in drawn]
-        replied = [e for e, r in drawn if r]
-        ignored = [e for e, r in drawn if not r]
-        pairs += [PreferencePair(brief.prompt, a, b) for a, b in zip(replied, ignored) if a != b]
+    repeated = [p for p in prompts for _ in range(k)]
+    answers = task.feedback(repeated, emails, random.Random(run.cfg.seed + 2))
+    pairs, thumbs = ab_feedback(repeated, emails, answers, k)
 
-    heldout = world.heldout[: t.eval_prompts]
-    heldout_emails = sample(run, model, tokenizer, [b.prompt for b in heldout], 2, seed=run.cfg.seed + 3)
     heldout_pairs = []
-    for i, brief in enumerate(heldout):
-        a, b = heldout_emails[2 * i: 2 * i + 2]
-        pa, pb = (world.simulator.reply_probability(brief.prospect, e) for e in (a, b))
-        if abs(pa - pb) >= 1e-3:
-            heldout_pairs.append(PreferencePair(brief.prompt, a, b) if pa > pb else PreferencePair(brief.prompt, b, a))
+    if task.has_gold:
+        heldout = task.eval_prompts()
+        heldout_emails = sample(run, model, tokenizer, heldout, 2, seed=run.cfg.seed + 3)
+        heldout_texts = [p.prompt for p in heldout for _ in range(2)]
+        heldout_pairs = gold_ordered_pairs(heldout_texts, heldout_emails, task.gold(heldout_texts, heldout_emails))
 
     if not pairs:
         raise RuntimeError(
@@ -417,8 +363,8 @@ def stage_discriminator(run: Run) -> Dict[str, Any]:
     from rlmf.modules.discriminator import Discriminator, pairwise_accuracy
 
     d = run.cfg.discriminator
-    if run.uses_files:
-        train_rows, heldout = run.file_pairs("train"), run.file_pairs("eval")
+    if run.task.preference_pairs("train") is not None:  # the task brings its pairs
+        train_rows, heldout = run.task.preference_pairs("train"), run.task.preference_pairs("eval")
         if d.objective == "thumbs":
             train_rows = pairs_to_feedback(train_rows)
     else:
@@ -463,32 +409,24 @@ def machine_feedback(run: Run, model, tokenizer, reward) -> Tuple[list, list, Di
     Best-vs-worst becomes a preference pair; the best is a thumbs-up and the worst a thumbs-down. Samples the reward
     could not score (a judge's unparseable answer) take no part in the ranking and are counted.
     """
-    from rlmf.data import FeedbackExample, PreferencePair
+    from rlmf.feedback.ranking import best_worst_feedback
 
-    t = run.cfg.task
-    k = t.align_samples_per_prompt
-    prompts = [b.prompt for b in run.world.train[: t.align_prompts]]
-    emails = sample(run, model, tokenizer, prompts, k, seed=run.cfg.seed + 4, what="RLMF round samples")
+    k = run.task.setting("align_samples_per_prompt", 4)
+    prompt_rows = run.task.train_prompts()
+    prompts = [p.prompt for p in prompt_rows]
+    emails = sample(run, model, tokenizer, prompt_rows, k, seed=run.cfg.seed + 4, what="RLMF round samples")
     scored = reward.score_with_validity([p for p in prompts for _ in range(k)], emails)
-    rewards, valid = scored.scores.view(len(prompts), k), scored.valid.view(len(prompts), k)
-    pairs, thumbs = [], []
-    for i, prompt in enumerate(prompts):
-        if int(valid[i].sum()) < 2:
-            continue
-        best = int(rewards[i].masked_fill(~valid[i], float("-inf")).argmax())
-        worst = int(rewards[i].masked_fill(~valid[i], float("inf")).argmin())
-        chosen, rejected = emails[i * k + best], emails[i * k + worst]
-        if chosen != rejected:
-            pairs.append(PreferencePair(prompt, chosen, rejected))
-            thumbs += [FeedbackExample(prompt, chosen, True), FeedbackExample(prompt, rejected, False)]
+    pairs, thumbs = best_worst_feedback(prompts, emails, scored.scores, scored.valid, k)
+    stats = {"align/pairs": len(pairs), "align/unscored_samples": int((~scored.valid).sum()),
+             **{f"align/{name}": float(value) for name, value in scored.metrics.items()}}
+    if not run.task.has_gold:
+        return pairs, thumbs, stats
     gold = gold_reply_rates(run, [p for p in prompts for _ in range(k)], emails)
     chosen_gold = gold_reply_rates(run, [p.prompt for p in pairs], [p.chosen for p in pairs])
     rejected_gold = gold_reply_rates(run, [p.prompt for p in pairs], [p.rejected for p in pairs])
-    stats = {"align/pairs": len(pairs), "align/sample_gold_reply_rate": sum(gold) / len(gold),
-             "align/chosen_gold_reply_rate": sum(chosen_gold) / max(1, len(chosen_gold)),
-             "align/rejected_gold_reply_rate": sum(rejected_gold) / max(1, len(rejected_gold)),
-             "align/unscored_samples": int((~valid).sum()),
-             **{f"align/{name}": float(value) for name, value in scored.metrics.items()}}
+    stats.update({"align/sample_gold_reply_rate": sum(gold) / len(gold),
+                  "align/chosen_gold_reply_rate": sum(chosen_gold) / max(1, len(chosen_gold)),
+                  "align/rejected_gold_reply_rate": sum(rejected_gold) / max(1, len(rejected_gold))})
     return pairs, thumbs, stats
 
 
@@ -517,7 +455,7 @@ def round_feedback(run: Run, model, tokenizer) -> Tuple[list, list, Dict[str, fl
 def stage_align(run: Run) -> Dict[str, Any]:
     """One RLMF round: the starting generator samples, the discriminator ranks, the generator learns with ``algo``.
 
-    With ``task=preference_files`` the file's pairs are the feedback. The starting generator is the SFT model, or
+    A task that brings its own pairs (``task=preference_files``) gives the feedback as they are. The starting generator is the SFT model, or
     a ``generator=hf`` checkpoint as it is when the job has no ``sft`` stage (:func:`starting_generator`).
     """
     from rlmf.data import pairs_to_feedback, tokenize_feedback, tokenize_pairs
@@ -543,9 +481,10 @@ def stage_align(run: Run) -> Dict[str, Any]:
             return features, drops
         return tokenize_pairs(pairs, tokenizer, g.max_length, g.max_prompt_length)
 
-    if run.uses_files:  # the file's pairs are the feedback
+    if run.task.preference_pairs("train") is not None:  # the task's own pairs are the feedback
         stats = {}
-        (train, drops), (validation, _) = (tokenize(run.file_pairs(s), pairs_to_feedback(run.file_pairs(s)))
+        (train, drops), (validation, _) = (tokenize(run.task.preference_pairs(s),
+                                                    pairs_to_feedback(run.task.preference_pairs(s)))
                                            for s in ("train", "eval"))
     else:
         pairs, thumbs, stats = round_feedback(run, model, tokenizer)
@@ -590,23 +529,19 @@ def align_online(run: Run, model, tokenizer) -> Dict[str, Any]:
     the policy samples ``algo.online.num_generations`` completions for each training prompt during training, and the
     run's ``reward=`` scores them (:class:`rlmf.modules.online.OnlineGenerator`).
 
-    Training prompts: the first ``task.align_prompts`` training briefs, or the prompts of the file's training pairs.
+    Training prompts: the task's (:meth:`rlmf.tasks.base.Task.train_prompts`).
     ``algo.optim.max_steps`` (or ``max_epochs``) counts rollouts (training batches of ``algo.optim.batch_size``
     prompts); each rollout makes ``num_iterations * ceil(rows / minibatch_size)`` optimiser steps, and
-    ``align/steps`` reports optimiser steps. On the persona-email task every rollout's gold reply rate (the
-    simulator's, never shown to the policy) is logged as ``align/train/gold/reply_rate``, for curves against steps.
+    ``align/steps`` reports optimiser steps. With a gold metric (the persona-email simulator's, never shown to the
+    policy) every rollout's is logged as ``align/train/gold/reply_rate``, for curves against steps.
     """
-    from rlmf.data import PromptOnly
     from rlmf.data.collate import OnlinePromptCollator, tokenize_prompts
     from rlmf.data.loading import RowsDataModule
     from rlmf.modules.online import OnlineGenerator, needs_reference
     from rlmf.reference import frozen_copy
 
     a, g, o = run.cfg.algo, run.cfg.generator, run.cfg.algo.online
-    if run.uses_files:
-        prompts = [PromptOnly(p.prompt, p.prompt_messages) for p in run.file_pairs("train")]
-    else:
-        prompts = [PromptOnly(b.prompt) for b in run.world.train[: run.cfg.task.align_prompts]]
+    prompts = run.task.train_prompts()
     features = tokenize_prompts(prompts, tokenizer, g.max_prompt_length)
     rows = [{**f, "prompt": p.prompt} for f, p in zip(features, prompts)]
     reward = run.load_reward()
@@ -627,7 +562,7 @@ def align_online(run: Run, model, tokenizer) -> Dict[str, Any]:
         drop_uniform_groups=o.drop_uniform_groups, lr=opt.lr, weight_decay=opt.weight_decay,
         warmup_ratio=opt.warmup_ratio, gradient_clip_val=run.cfg.trainer.gradient_clip_val,
         stop_token_ids=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id, metric_prefix="align",
-        monitor=None if run.uses_files else gold_monitor, log_completions_every=o.log_completions_every)
+        monitor=gold_monitor if run.task.has_gold else None, log_completions_every=o.log_completions_every)
     completions = min(opt.batch_size, len(rows)) * o.num_generations  # every batch is whole (drop_last)
     updates = o.num_iterations * math.ceil(completions / (o.minibatch_size or completions))  # per rollout
     data = RowsDataModule(rows, [], OnlinePromptCollator(tokenizer.pad_token_id), opt.batch_size, seed=run.cfg.seed,
@@ -659,15 +594,15 @@ def evaluate_generator(run: Run, name: str, path: str | Path, prompts: List[Any]
     from rlmf.data.collate import FeedbackCollator
     from rlmf.logprobs import batched_completion_logps
 
-    t, g = run.cfg.task, run.cfg.generator
-    k = t.get("eval_samples_per_prompt", 1)
+    g = run.cfg.generator
+    k = run.task.setting("eval_samples_per_prompt", 1)
     texts = [p.prompt for p in prompts]
     sampled_prompts = [p for p in texts for _ in range(k)]
     model, tokenizer = run.load_generator(path)
     sampled, ids = sample(run, model, tokenizer, prompts, k, seed=run.cfg.seed + 5, return_token_ids=True,
                           what=f"evaluating {name}")
     metrics: Dict[str, float] = {}
-    if not run.uses_files:
+    if run.task.has_gold:
         with run.placement.inference():
             greedy = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, do_sample=False,
                               max_prompt_length=g.max_prompt_length)
@@ -700,15 +635,15 @@ def stage_evaluate(run: Run) -> Dict[str, Any]:
     """
     from rlmf.reference import model_fingerprint
 
-    prompts = run.eval_prompts()
+    prompts = run.task.eval_prompts()
     discriminator_dir = run.finished_dir("discriminator")
     discriminator = run.load_discriminator(discriminator_dir / "model") if discriminator_dir is not None else None
     checkpoints = generator_checkpoints(run)
     start = checkpoints.get("sft", checkpoints.get("initial"))
     reference = run.load_generator(start)[0] if start is not None else None
-    g, t = run.cfg.generator, run.cfg.task
-    settings = json.dumps([[p.to_row() for p in prompts], t.get("eval_samples_per_prompt", 1), g.max_new_tokens, g.temperature,
-                           g.max_prompt_length, run.cfg.seed, run.uses_files,
+    g = run.cfg.generator
+    settings = json.dumps([[p.to_row() for p in prompts], run.task.setting("eval_samples_per_prompt", 1),
+                           g.max_new_tokens, g.temperature, g.max_prompt_length, run.cfg.seed, run.task.name,
                            str(discriminator_dir and discriminator_dir.resolve()),
                            start is not None and model_fingerprint(start), str(run.placement)])
     metrics: Dict[str, Any] = {}
@@ -754,8 +689,8 @@ def run_pipeline(run: Run) -> Dict[str, Any]:
     """
     wanted = [s for s in STAGES if s in run.cfg.stage.stages]
     for stage in wanted:
-        if stage == "feedback" and run.uses_files:
-            log.info("stage feedback: skipped, task=preference_files brings its own preference data")
+        if stage == "feedback" and not run.task.has_feedback:
+            log.info("stage feedback: skipped, task=%s brings its own preference data", run.task.name)
             continue
         fn = STAGE_FUNCTIONS[stage]
         finished = run.finished_dir(stage) if stage != "evaluate" else None

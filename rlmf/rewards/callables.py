@@ -3,7 +3,7 @@
 The function returns one number per row; ``None`` or a non-finite number marks the row invalid (NaN, counted).
 
 Keyword arguments come from two places: the config's ``kwargs`` (the same every call) and the *context* given to
-:func:`rlmf.rewards.build_reward` (objects of the run, e.g. ``world=run.world`` for the persona-email task). A context
+:func:`rlmf.rewards.build_reward` (objects of the run, e.g. ``world``, the persona-email task's world). A context
 entry is passed only when the function's signature names it (or takes ``**kwargs``), so one context serves every
 function. Both are checked against the signature at construction.
 """

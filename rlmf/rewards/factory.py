@@ -6,7 +6,7 @@ loads no model; only then is anything built. Errors are :class:`~rlmf.rewards.ba
 
 Context: keyword arguments describing the run, passed to every member of the tree:
 
-* ``world``: the persona-email :class:`~rlmf.tasks.persona_email.World` (the pipeline's ``Run.world``), for
+* ``world``: the persona-email :class:`~rlmf.tasks.persona_email.World` (``PersonaEmailTask.reward_context()``), for
   function rewards that take a ``world`` argument (``rlmf.rewards.functions:persona_email_gold``);
 * ``discriminator_path``: the run's trained discriminator directory, used by ``kind: discriminator`` with
   ``path: null``;

@@ -19,7 +19,7 @@ def persona_email_gold(prompts: Sequence[str], completions: Sequence[str], *,
     """The persona-email recipient simulator's gold reply probability of each email, in (0, 1).
 
     The prompts must be briefs of the world. Which world: ``world`` when given (the pipeline passes its own,
-    ``build_reward(cfg, world=run.world)``, so sizes set under ``task`` are honoured); otherwise the world
+    ``build_reward(cfg, world=task.world)``, so sizes set under ``task`` are honoured); otherwise the world
     ``build_world(seed=seed)`` makes at default sizes, cached (``kwargs: {seed: ...}`` in the config). This is the
     hidden ground truth the evaluation reports: training on it is an oracle (upper-bound) experiment.
     """
@@ -33,7 +33,7 @@ def persona_email_gold(prompts: Sequence[str], completions: Sequence[str], *,
         except KeyError:
             where = "the world passed as world=" if given else f"the default-size world of seed={seed}"
             raise KeyError(f"persona_email_gold: prompt {prompt[:60]!r}... is not a brief of {where}; pass the run's "
-                           "world (build_reward(cfg, world=run.world)) or the seed and sizes it was built with"
+                           "world (build_reward(cfg, world=task.world)) or the seed and sizes it was built with"
                            ) from None
         scores.append(simulator.reply_probability(brief.prospect, email))
     return scores

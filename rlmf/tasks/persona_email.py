@@ -296,3 +296,61 @@ def corpus_texts(world: World) -> List[str]:
     texts = [b.prompt for b in world.train + world.validation + world.heldout]
     texts += [prompt + email for split in world.demonstrations.values() for prompt, email in split]
     return texts
+
+
+# --- the task the pipeline sees ----------------------------------------------------------------------------------
+
+from rlmf.tasks.base import Task, register_task  # noqa: E402  (the world above needs none of the pipeline)
+
+
+@register_task("persona_email")
+class PersonaEmailTask(Task):
+    """The embedded task (``conf/task/persona_email.yaml``): briefs from :func:`build_world` at the configured sizes,
+    SFT on the world's demonstrations, simulated recipients as the feedback source, the simulator's reply
+    probability as the gold metric, the persona (role, industry, size) as the group."""
+
+    has_feedback = True
+    has_gold = True
+
+    def __init__(self, cfg, seed: int):
+        super().__init__(cfg, seed)
+        self.world = build_world(seed=seed, num_prospects=cfg.num_prospects,
+                                 emails_per_prospect=cfg.emails_per_prospect,
+                                 heldout_persona_fraction=cfg.heldout_persona_fraction,
+                                 validation_fraction=cfg.validation_fraction, demo_quality=cfg.demo_quality)
+
+    def corpus(self) -> List[str]:
+        return corpus_texts(self.world)
+
+    def demonstrations(self, split: str):
+        return self.world.demonstrations[split]
+
+    def train_prompts(self):
+        from rlmf.data.formats import PromptOnly
+
+        return [PromptOnly(b.prompt) for b in self.world.train[: self.cfg.align_prompts]]
+
+    def eval_prompts(self):
+        from rlmf.data.formats import PromptOnly
+
+        return [PromptOnly(b.prompt) for b in self.world.heldout[: self.cfg.eval_prompts]]
+
+    def feedback_prompts(self):
+        from rlmf.data.formats import PromptOnly
+
+        return [PromptOnly(b.prompt) for b in self.world.train[: self.cfg.feedback_prompts]]
+
+    def feedback(self, prompts, completions, rng):
+        """Each recipient replies (or not) with its gold probability: one Bernoulli draw per email."""
+        return [self.world.simulator.draw_reply(self.world.brief_for(p).prospect, c, rng)
+                for p, c in zip(prompts, completions)]
+
+    def gold(self, prompts, completions):
+        return [self.world.simulator.reply_probability(self.world.brief_for(p).prospect, c)
+                for p, c in zip(prompts, completions)]
+
+    def group(self, prompt: str) -> str:
+        return " / ".join(self.world.brief_for(prompt).prospect.persona)
+
+    def reward_context(self):
+        return {"world": self.world}
