@@ -181,6 +181,16 @@ class StageConfig:
 
 
 @dataclass
+class LoopConfig:
+    """Rounds of machine feedback (:func:`rlmf.pipeline.run_pipeline`): round r > 1 repeats feedback ->
+    discriminator -> align from round r-1's aligned generator. To compare N rounds with one at the same number of
+    answered completions, divide the task's feedback budget by N (e.g. ``task.feedback_prompts``)."""
+
+    rounds: int = 1
+    discriminator: str = "warm"  # warm: round r's discriminator continues from round r-1's | scratch
+
+
+@dataclass
 class Config:
     task: Any = MISSING
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -190,6 +200,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     stage: StageConfig = field(default_factory=StageConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     seed: int = 0
 
 
@@ -267,6 +278,12 @@ def validate(cfg: DictConfig) -> None:
         task_class(cfg.task.name)
     except KeyError as e:
         raise ConfigError(e.args[0]) from None
+    if cfg.loop.rounds < 1:
+        raise ConfigError(f"loop.rounds={cfg.loop.rounds} must be at least 1")
+    _choice("loop.discriminator", cfg.loop.discriminator, ("warm", "scratch"))
+    if cfg.loop.rounds > 1 and not task_class(cfg.task.name).has_feedback:
+        raise ConfigError(f"loop.rounds={cfg.loop.rounds} needs a task with a feedback source; task={cfg.task.name} "
+                          "brings fixed preference pairs (use loop.rounds=1)")
     if cfg.task.name == "preference_files":
         _choice("task.on_bad_row", cfg.task.on_bad_row, ("error", "skip"))
     if cfg.get("reward") is not None:

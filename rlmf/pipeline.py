@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -45,8 +45,18 @@ class Run:
     run_dir: Path
     sweep_group: Optional[str] = None
     results: Dict[str, Any] = field(default_factory=dict)
+    round: int = 1  # the round of machine feedback (loop.rounds); round r > 1 lives in <run_dir>/round<r>/
     _task: Optional[Task] = None
     _wandb: Any = None
+
+    def for_round(self, r: int) -> "Run":
+        """This run seen from round ``r``: its stage directories are ``<run_dir>/round<r>/<stage>`` (round 1: the
+        run directory itself); the task, loggers and config are shared."""
+        return replace(self, round=r, results={})
+
+    def seed(self, offset: int) -> int:
+        """The seed of one random draw of a stage: ``seed + offset``, shifted per round so rounds differ."""
+        return self.cfg.seed + offset + 1000 * (self.round - 1)
 
     @property
     def task(self) -> Task:
@@ -85,15 +95,18 @@ class Run:
 
         return self.placement.put(Discriminator.load(path))
 
+    def _round_root(self, root: Path) -> Path:
+        return root if self.round == 1 else root / f"round{self.round}"
+
     def stage_dir(self, stage: str) -> Path:
-        return self.run_dir / stage
+        return self._round_root(self.run_dir) / stage
 
     def finished_dir(self, stage: str) -> Optional[Path]:
-        """Where a finished ``stage`` lies: this run first, then ``stage.from_run``."""
+        """Where a finished ``stage`` (of this round) lies: this run first, then ``stage.from_run``."""
         candidates = [self.run_dir] + ([Path(self.cfg.stage.from_run)] if self.cfg.stage.from_run else [])
         for root in candidates:
-            if (root / stage / "done.json").exists():
-                return root / stage
+            if (self._round_root(root) / stage / "done.json").exists():
+                return self._round_root(root) / stage
         return None
 
     def require(self, stage: str) -> Path:
@@ -111,7 +124,8 @@ class Run:
             return []
         if kind == "csv":
             from lightning.pytorch.loggers import CSVLogger
-            return [CSVLogger(save_dir=str(self.run_dir / "logs"), name=stage, version="")]
+            name = stage if self.round == 1 else f"round{self.round}_{stage}"
+            return [CSVLogger(save_dir=str(self.run_dir / "logs"), name=name, version="")]
         return [self.wandb_logger()]
 
     def wandb_logger(self):
@@ -231,8 +245,11 @@ def initial_generator(run: Run):
 
 
 def starting_generator(run: Run) -> str | Path:
-    """What alignment starts from (and measures KL against): the SFT generator when the run has one; a
-    ``generator=hf`` checkpoint as it is when the job leaves ``sft`` out of ``stage.stages``."""
+    """What alignment (and a round's feedback) starts from: the previous round's aligned generator in round r > 1;
+    else the SFT generator when the run has one, or a ``generator=hf`` checkpoint as it is when the job leaves
+    ``sft`` out of ``stage.stages``."""
+    if run.round > 1:
+        return run.for_round(run.round - 1).require("align") / "generator"
     if run.finished_dir("sft") is None and "sft" not in run.cfg.stage.stages and run.cfg.generator.kind == "hf":
         return run.cfg.generator.name_or_path
     return run.require("sft") / "generator"
@@ -250,6 +267,10 @@ def generator_checkpoints(run: Run) -> Dict[str, str | Path]:
     align = run.finished_dir("align")
     if align is not None:
         found["aligned"] = align / "generator"
+    for r in range(2, run.cfg.loop.rounds + 1):
+        later = run.for_round(r).finished_dir("align")
+        if later is not None:
+            found[f"round{r}"] = later / "generator"
     return found
 
 
@@ -317,19 +338,20 @@ def stage_feedback(run: Run) -> Dict[str, Any]:
     from rlmf.feedback.ab import ab_feedback, gold_ordered_pairs
 
     task = run.task
-    model, tokenizer = run.load_generator(run.require("sft") / "generator")
+    model, tokenizer = run.load_generator(run.require("sft") / "generator" if run.round == 1
+                                          else starting_generator(run))
     k = task.setting("feedback_samples_per_prompt", 4)
     prompts = [p.prompt for p in task.feedback_prompts()]
-    emails = sample(run, model, tokenizer, task.feedback_prompts(), k, seed=run.cfg.seed + 1,
+    emails = sample(run, model, tokenizer, task.feedback_prompts(), k, seed=run.seed(1),
                     what="feedback emails")
     repeated = [p for p in prompts for _ in range(k)]
-    answers = task.feedback(repeated, emails, random.Random(run.cfg.seed + 2))
+    answers = task.feedback(repeated, emails, random.Random(run.seed(2)))
     pairs, thumbs = ab_feedback(repeated, emails, answers, k)
 
     heldout_pairs = []
     if task.has_gold:
         heldout = task.eval_prompts()
-        heldout_emails = sample(run, model, tokenizer, heldout, 2, seed=run.cfg.seed + 3)
+        heldout_emails = sample(run, model, tokenizer, heldout, 2, seed=run.seed(3))
         heldout_texts = [p.prompt for p in heldout for _ in range(2)]
         heldout_pairs = gold_ordered_pairs(heldout_texts, heldout_emails, task.gold(heldout_texts, heldout_emails))
 
@@ -367,16 +389,22 @@ def stage_discriminator(run: Run) -> Dict[str, Any]:
         train_rows, heldout = run.task.preference_pairs("train"), run.task.preference_pairs("eval")
         if d.objective == "thumbs":
             train_rows = pairs_to_feedback(train_rows)
-    else:
-        feedback = run.require("feedback")
-        if d.objective == "pairs":
-            train_rows, report = load_pairs(feedback / "pairs.jsonl")
-        else:
-            train_rows, report = load_feedback(feedback / "thumbs.jsonl")
-        log.info("discriminator data: %s", report)
+    else:  # every round's feedback so far; held out: this round's
+        train_rows = []
+        for r in range(1, run.round + 1):
+            feedback = run.for_round(r).require("feedback")
+            if d.objective == "pairs":
+                rows, report = load_pairs(feedback / "pairs.jsonl")
+            else:
+                rows, report = load_feedback(feedback / "thumbs.jsonl")
+            train_rows += rows
+            log.info("discriminator data (round %d feedback): %s", r, report)
         heldout_file = feedback / "heldout_pairs.jsonl"
         heldout = load_pairs(heldout_file)[0] if heldout_file.stat().st_size else []
-    module = Discriminator(**discriminator_kwargs(run.cfg))
+    if run.round > 1 and run.cfg.loop.discriminator == "warm":  # continue from the previous round's
+        module = Discriminator.load(run.for_round(run.round - 1).require("discriminator") / "model").train()
+    else:
+        module = Discriminator(**discriminator_kwargs(run.cfg))
     data = RowsDataModule(train_rows, heldout, module.training_collator(), d.batch_size, seed=run.cfg.seed,
                           num_workers=run.cfg.trainer.num_workers, val_collate=module.validation_collator())
     steps = stage_steps(run, d.max_epochs * data.batches_per_epoch())
@@ -414,7 +442,7 @@ def machine_feedback(run: Run, model, tokenizer, reward) -> Tuple[list, list, Di
     k = run.task.setting("align_samples_per_prompt", 4)
     prompt_rows = run.task.train_prompts()
     prompts = [p.prompt for p in prompt_rows]
-    emails = sample(run, model, tokenizer, prompt_rows, k, seed=run.cfg.seed + 4, what="RLMF round samples")
+    emails = sample(run, model, tokenizer, prompt_rows, k, seed=run.seed(4), what="RLMF round samples")
     scored = reward.score_with_validity([p for p in prompts for _ in range(k)], emails)
     pairs, thumbs = best_worst_feedback(prompts, emails, scored.scores, scored.valid, k)
     stats = {"align/pairs": len(pairs), "align/unscored_samples": int((~scored.valid).sum()),
@@ -684,28 +712,47 @@ MAIN_PROCESS_STAGES = ("feedback", "evaluate")
 def run_pipeline(run: Run) -> Dict[str, Any]:
     """Run the configured stages in pipeline order, reusing finished ones; returns the merged metrics.
 
-    Each stage starts from its own seed (``seed + its index``), so its randomness does not depend on which earlier
-    stages ran in this process or were reused from disk: a resumed job and a hand-off match an uninterrupted run.
+    With ``loop.rounds=N`` (N > 1) the stages ``feedback -> discriminator -> align`` run again for rounds 2..N, each
+    in ``<run_dir>/round<r>/``: the previous round's aligned generator writes the completions the task's feedback
+    source answers, the discriminator retrains on every round's feedback so far (``loop.discriminator``: warm from
+    the previous round's, or from scratch), and the generator aligns from the previous round's. Their metrics are
+    prefixed ``round<r>/``; ``evaluate`` runs once, last, over every round's generator.
+
+    Each stage starts from its own seed (``seed + its index``, shifted per round), so its randomness does not depend
+    on which earlier stages ran in this process or were reused from disk: a resumed job and a hand-off match an
+    uninterrupted run.
     """
     wanted = [s for s in STAGES if s in run.cfg.stage.stages]
     for stage in wanted:
-        if stage == "feedback" and not run.task.has_feedback:
-            log.info("stage feedback: skipped, task=%s brings its own preference data", run.task.name)
-            continue
-        fn = STAGE_FUNCTIONS[stage]
-        finished = run.finished_dir(stage) if stage != "evaluate" else None
-        if finished is not None:
-            log.info("stage %s already finished in %s; reusing it", stage, finished)
-            run.results.update(read_done(finished))
-            continue
-        log.info("stage %s: starting", stage)
-        L.seed_everything(run.cfg.seed + STAGES.index(stage), workers=True, verbose=False)
-        if stage in MAIN_PROCESS_STAGES:
-            if not is_main_process():
-                log.info("stage %s: this rank waits for rank 0 and reads its results", stage)
-            with main_process_first() as main:
-                metrics = fn(run) if main else None
-            run.results.update(metrics if metrics is not None else read_done(run.stage_dir(stage)))
-        else:
-            run.results.update(fn(run))
+        if stage != "evaluate":
+            run.results.update(_run_stage(run, stage))
+    for r in range(2, run.cfg.loop.rounds + 1):
+        later = run.for_round(r)
+        for stage in ("feedback", "discriminator", "align"):
+            if stage in wanted:
+                run.results.update({f"round{r}/{k}": v for k, v in _run_stage(later, stage).items()})
+    if "evaluate" in wanted:
+        run.results.update(_run_stage(run, "evaluate"))
     return run.results
+
+
+def _run_stage(run: Run, stage: str) -> Dict[str, Any]:
+    """One stage of one round: reused when finished, else run (rank 0 alone for the stages without a fit)."""
+    if stage == "feedback" and not run.task.has_feedback:
+        log.info("stage feedback: skipped, task=%s brings its own preference data", run.task.name)
+        return {}
+    where = f"stage {stage}" + (f" (round {run.round})" if run.round > 1 else "")
+    finished = run.finished_dir(stage) if stage != "evaluate" else None
+    if finished is not None:
+        log.info("%s already finished in %s; reusing it", where, finished)
+        return read_done(finished)
+    log.info("%s: starting", where)
+    L.seed_everything(run.seed(STAGES.index(stage)), workers=True, verbose=False)
+    fn = STAGE_FUNCTIONS[stage]
+    if stage in MAIN_PROCESS_STAGES:
+        if not is_main_process():
+            log.info("%s: this rank waits for rank 0 and reads its results", where)
+        with main_process_first() as main:
+            metrics = fn(run) if main else None
+        return metrics if metrics is not None else read_done(run.stage_dir(stage))
+    return fn(run)

@@ -78,7 +78,7 @@ def run_job(cfg: DictConfig, run_dir: Path, sweep_group: str | None = None) -> D
     from rlmf.files import write_atomic
     from rlmf.kernels import set_default_backend
     from rlmf.pipeline import Run, run_pipeline
-    from rlmf.reporting import plot_reply_rates
+    from rlmf.reporting import plot_reply_rates, plot_rounds, round_table
 
     validate(cfg)
     quiet_libraries()
@@ -96,6 +96,10 @@ def run_job(cfg: DictConfig, run_dir: Path, sweep_group: str | None = None) -> D
             plot = plot_reply_rates(summary, run_dir / "reply_rate_by_stage.png")
             if plot is not None:
                 log.info("plot: %s", plot)
+            if cfg.loop.rounds > 1:
+                write_atomic(run_dir / "rounds.md", round_table(summary, cfg.loop.rounds) + "\n")
+                plot_rounds(summary, cfg.loop.rounds, run_dir / "rounds.png")
+                log.info("rounds:\n%s", round_table(summary, cfg.loop.rounds))
             run.log_summary(summary)
     finally:
         run.close()

@@ -262,3 +262,40 @@ def test_online_algorithms_run_the_main_job(compose, tmp_path, tiny_checkpoint, 
         assert {"align/train/rewards/discriminator/mean", "align/train/rewards/gold/mean"} <= set(metrics)
     if reward == "judge":
         assert "align/train/rewards/judge/invalid" in metrics
+
+def test_rounds_repeat_feedback_discriminator_and_align_from_the_previous_round(compose, tmp_path):
+    """loop.rounds=2: round 2 lives in round2/, its feedback comes from round 1's aligned generator, its discriminator
+    trains on both rounds' feedback (warm-started), its generator aligns from round 1's; evaluate covers both rounds
+    and the run writes the per-round table and plot. A re-run in the directory reuses every round."""
+    run = tmp_path / "run"
+    cfg = compose("experiment=quick", "loop.rounds=2", "logger=csv")
+    summary = run_job(cfg, run)
+    for stage in ("feedback", "discriminator", "align"):
+        assert (run / "round2" / stage / "done.json").exists(), stage
+    assert (run / "logs" / "round2_align" / "metrics.csv").exists(), "round 2 logs apart from round 1"
+    assert summary["round2/discriminator/train_rows"] == summary["feedback/pairs"] + summary["round2/feedback/pairs"]
+    for key in ("gold/reply_rate/aligned", "gold/reply_rate/round2", "kl/round2", "round2/align/pairs",
+                "round2/feedback/observed_reply_rate"):
+        assert key in summary, key
+    assert summary["kl/round2"] != summary["kl/aligned"]
+    table = (run / "rounds.md").read_text()
+    assert "| 0 (sft) |" in table and "| 2 |" in table and (run / "rounds.png").stat().st_size > 1000
+    # the round-2 align stage started from round 1's aligned generator (same tokenizer and shapes, other weights)
+    import hashlib
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(run / "round2" / "align" / "generator" / "model.safetensors") != \
+        digest(run / "align" / "generator" / "model.safetensors")
+
+    stamp = (run / "round2" / "align" / "generator" / "model.safetensors").stat().st_mtime_ns
+    again = run_job(cfg, run)
+    assert (run / "round2" / "align" / "generator" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert again["gold/reply_rate/round2"] == summary["gold/reply_rate/round2"]
+
+
+def test_rounds_need_a_feedback_source(compose, tmp_path):
+    from rlmf.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"loop.rounds=2 needs a task with a feedback source"):
+        validate(compose("task=preference_files", "task.train=x.jsonl", "loop.rounds=2"))
+    with pytest.raises(ConfigError, match=r"loop.discriminator='cold' is not valid; choose one of: warm, scratch"):
+        validate(compose("loop.discriminator=cold"))
