@@ -188,6 +188,12 @@ class LoopConfig:
 
     rounds: int = 1
     discriminator: str = "warm"  # warm: round r's discriminator continues from round r-1's | scratch
+    # The feedback stage's A/B tests (rlmf.feedback.bandit): each prompt's candidates get sends_per_prompt
+    # recipients (null: one per candidate, the classic single-send test), allocated uniformly or by Thompson sampling.
+    allocation: str = "uniform"  # uniform | thompson
+    sends_per_prompt: Optional[int] = None
+    # How much each feedback pair counts: none (1 each) | posterior (P(chosen's reply rate > rejected's))
+    weighting: str = "none"
 
 
 @dataclass
@@ -281,6 +287,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.loop.rounds < 1:
         raise ConfigError(f"loop.rounds={cfg.loop.rounds} must be at least 1")
     _choice("loop.discriminator", cfg.loop.discriminator, ("warm", "scratch"))
+    _choice("loop.allocation", cfg.loop.allocation, ("uniform", "thompson"))
+    _choice("loop.weighting", cfg.loop.weighting, ("none", "posterior"))
+    if cfg.loop.sends_per_prompt is not None and cfg.loop.sends_per_prompt < 1:
+        raise ConfigError(f"loop.sends_per_prompt={cfg.loop.sends_per_prompt} must be at least 1, or null (one "
+                          "send per candidate)")
     if cfg.loop.rounds > 1 and not task_class(cfg.task.name).has_feedback:
         raise ConfigError(f"loop.rounds={cfg.loop.rounds} needs a task with a feedback source; task={cfg.task.name} "
                           "brings fixed preference pairs (use loop.rounds=1)")

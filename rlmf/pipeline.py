@@ -335,7 +335,7 @@ def stage_feedback(run: Run) -> Dict[str, Any]:
     completions for held-out prompts ordered by it: evaluation data for the discriminator, never trained on.
     """
     from rlmf.data import write_jsonl
-    from rlmf.feedback.ab import ab_feedback, gold_ordered_pairs
+    from rlmf.feedback.ab import ab_feedback, bandit_feedback, gold_ordered_pairs
 
     task = run.task
     model, tokenizer = run.load_generator(run.require("sft") / "generator" if run.round == 1
@@ -345,9 +345,22 @@ def stage_feedback(run: Run) -> Dict[str, Any]:
     emails = sample(run, model, tokenizer, task.feedback_prompts(), k, seed=run.seed(1),
                     what="feedback emails")
     repeated = [p for p in prompts for _ in range(k)]
-    answers = task.feedback(repeated, emails, random.Random(run.seed(2)))
-    pairs, thumbs = ab_feedback(repeated, emails, answers, k)
-
+    loop = run.cfg.loop
+    budget = loop.sends_per_prompt or k
+    ab_metrics: Dict[str, Any] = {}
+    if loop.allocation == "uniform" and budget == k and loop.weighting == "none":  # one send per candidate
+        answers = task.feedback(repeated, emails, random.Random(run.seed(2)))
+        pairs, thumbs = ab_feedback(repeated, emails, answers, k)
+        sends, replies = len(answers), sum(answers)
+    else:
+        pairs, thumbs, tests = bandit_feedback(task, prompts, emails, k, budget, loop.allocation,
+                                               loop.weighting == "posterior", random.Random(run.seed(2)),
+                                               random.Random(run.seed(6)))
+        write_jsonl(run.stage_dir("feedback") / "ab_tests.jsonl", tests)
+        sends, replies = sum(sum(t["sends"]) for t in tests), sum(sum(t["replies"]) for t in tests)
+        ab_metrics["feedback/mean_pair_weight"] = sum(p.weight for p in pairs) / max(1, len(pairs))
+        if task.has_gold:
+            ab_metrics["feedback/regret"] = sum(t["regret"][-1] for t in tests if t["regret"])
     heldout_pairs = []
     if task.has_gold:
         heldout = task.eval_prompts()
@@ -366,9 +379,9 @@ def stage_feedback(run: Run) -> Dict[str, Any]:
     write_jsonl(out / "pairs.jsonl", pairs)
     write_jsonl(out / "thumbs.jsonl", thumbs)
     write_jsonl(out / "heldout_pairs.jsonl", heldout_pairs)
-    metrics = {"feedback/pairs": len(pairs), "feedback/thumbs": len(thumbs),
-               "feedback/observed_reply_rate": sum(x.desirable for x in thumbs) / max(1, len(thumbs)),
-               "feedback/heldout_pairs": len(heldout_pairs)}
+    metrics = {"feedback/pairs": len(pairs), "feedback/thumbs": len(thumbs), "feedback/sends": sends,
+               "feedback/observed_reply_rate": replies / max(1, sends),
+               "feedback/heldout_pairs": len(heldout_pairs), **ab_metrics}
     mark_done(out, metrics)
     return metrics
 

@@ -316,7 +316,8 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: Optio
                                                   "tokenize_pairs")
     eos = tokenizer.eos_token_id
     features = []
-    for prompt_ids, chosen_ids, rejected_ids in zip(prompts, completions["chosen"], completions["rejected"]):
+    for pair, prompt_ids, chosen_ids, rejected_ids in zip(pairs, prompts, completions["chosen"],
+                                                          completions["rejected"]):
         chosen_ids, chosen_cut = _fit(chosen_ids, len(prompt_ids), max_length)
         rejected_ids, rejected_cut = _fit(rejected_ids, len(prompt_ids), max_length)
         counts.completion_truncated += chosen_cut + rejected_cut
@@ -325,7 +326,8 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: Optio
         elif chosen_ids == rejected_ids:
             counts.identical += 1
         else:
-            features.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
+            features.append(_weighted({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids,
+                                       "rejected_ids": rejected_ids}, pair))
     counts.kept = len(features)
     return features, counts
 
@@ -344,10 +346,25 @@ def tokenize_feedback(examples: Sequence[FeedbackExample], tokenizer, max_length
         if _is_empty(completion_ids, tokenizer.eos_token_id):
             counts.empty_completion += 1
             continue
-        features.append({"prompt_ids": prompt_ids, "completion_ids": completion_ids,
-                         "desirable": example.desirable})
+        features.append(_weighted({"prompt_ids": prompt_ids, "completion_ids": completion_ids,
+                                   "desirable": example.desirable}, example))
     counts.kept = len(features)
     return features, counts
+
+
+def _weighted(feature: Dict[str, Any], example: Any) -> Dict[str, Any]:
+    """The feature with the example's ``weight`` when it is not 1 (unweighted data keeps its features as they were)."""
+    weight = getattr(example, "weight", 1.0)
+    if weight != 1.0:
+        feature["weight"] = weight
+    return feature
+
+
+def _weights(features: Sequence[Dict[str, Any]]) -> Optional[torch.Tensor]:
+    """``[B]`` float32 per-example weights when any feature carries one (the others weigh 1), else None."""
+    if not any("weight" in f for f in features):
+        return None
+    return torch.tensor([float(f.get("weight", 1.0)) for f in features], dtype=torch.float32)
 
 
 def tokenize_prompts(prompts: Sequence[PromptOnly], tokenizer, max_prompt_length: Optional[int]
@@ -415,6 +432,9 @@ class PairCollator:
         batch["prompt_lengths"] = _lengths(prompts)
         batch["chosen_lengths"] = _lengths(chosen)
         batch["rejected_lengths"] = _lengths(rejected)
+        weights = _weights(features)
+        if weights is not None:
+            batch["weights"] = weights
         return batch
 
 
@@ -433,6 +453,9 @@ class FeedbackCollator:
         batch["prompt_lengths"] = _lengths(prompts)
         batch["completion_lengths"] = _lengths(completions)
         batch["desirable"] = torch.tensor([bool(f["desirable"]) for f in features], dtype=torch.bool)
+        weights = _weights(features)
+        if weights is not None:
+            batch["weights"] = weights
         return batch
 
 

@@ -37,6 +37,8 @@ Parsers raise :class:`DataError` naming the field; the loaders in :mod:`rlmf.dat
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -100,6 +102,7 @@ class PreferencePair:
     prompt_messages: Optional[Messages] = None
     chosen_messages: Optional[Messages] = None
     rejected_messages: Optional[Messages] = None
+    weight: float = 1.0  # how much the pair counts in the loss (e.g. the evidence behind it); 1: as any other
 
     def __post_init__(self) -> None:
         _freeze_messages(self, ("prompt_messages", "chosen_messages", "rejected_messages"))
@@ -108,10 +111,12 @@ class PreferencePair:
         """Strings for a text row; messages (TRL's conversational format) for a chat row, so both read back the
         same."""
         if self.prompt_messages is not None:
-            return {"prompt": messages_to_dicts(self.prompt_messages),
-                    "chosen": messages_to_dicts(self.chosen_messages),
-                    "rejected": messages_to_dicts(self.rejected_messages)}
-        return {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
+            row = {"prompt": messages_to_dicts(self.prompt_messages),
+                   "chosen": messages_to_dicts(self.chosen_messages),
+                   "rejected": messages_to_dicts(self.rejected_messages)}
+        else:
+            row = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
+        return _with_weight(row, self.weight)
 
 
 @dataclass(frozen=True)
@@ -124,15 +129,25 @@ class FeedbackExample:
     desirable: bool
     prompt_messages: Optional[Messages] = None
     completion_messages: Optional[Messages] = None
+    weight: float = 1.0  # how much the row counts in the loss; 1: as any other
 
     def __post_init__(self) -> None:
         _freeze_messages(self, ("prompt_messages", "completion_messages"))
 
     def to_row(self) -> Dict[str, Any]:
         if self.prompt_messages is not None:
-            return {"prompt": messages_to_dicts(self.prompt_messages),
-                    "completion": messages_to_dicts(self.completion_messages), "label": self.desirable}
-        return {"prompt": self.prompt, "completion": self.completion, "label": self.desirable}
+            row = {"prompt": messages_to_dicts(self.prompt_messages),
+                   "completion": messages_to_dicts(self.completion_messages), "label": self.desirable}
+        else:
+            row = {"prompt": self.prompt, "completion": self.completion, "label": self.desirable}
+        return _with_weight(row, self.weight)
+
+
+def _with_weight(row: Dict[str, Any], weight: float) -> Dict[str, Any]:
+    """A row's ``weight`` field, written only when it is not the default 1 (so unweighted files stay as they were)."""
+    if weight != 1.0:
+        row["weight"] = weight
+    return row
 
 
 @dataclass(frozen=True)
@@ -156,8 +171,10 @@ def pairs_to_feedback(pairs: Sequence[PreferencePair]) -> List[FeedbackExample]:
     (messages are carried along)."""
     out: List[FeedbackExample] = []
     for pair in pairs:
-        out.append(FeedbackExample(pair.prompt, pair.chosen, True, pair.prompt_messages, pair.chosen_messages))
-        out.append(FeedbackExample(pair.prompt, pair.rejected, False, pair.prompt_messages, pair.rejected_messages))
+        out.append(FeedbackExample(pair.prompt, pair.chosen, True, pair.prompt_messages, pair.chosen_messages,
+                                   pair.weight))
+        out.append(FeedbackExample(pair.prompt, pair.rejected, False, pair.prompt_messages, pair.rejected_messages,
+                                   pair.weight))
     return out
 
 
@@ -278,9 +295,22 @@ _FEEDBACK_NEEDS = "feedback rows have 'prompt', 'completion' and 'label'"
 _PROMPT_NEEDS = "prompt rows have 'prompt' (or 'chosen' and 'rejected' to take the prompt from)"
 
 
+def _parse_weight(row: Mapping[str, Any]) -> float:
+    """The optional ``weight`` field: a finite number >= 0 (default 1)."""
+    weight = row.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise DataError(f"field 'weight' must be a finite number >= 0, got {_type_name(weight)} {weight!r}")
+    return float(weight)
+
+
 def parse_pair_row(row: Mapping[str, Any]) -> PreferencePair:
-    """A :class:`PreferencePair` from a row in any format listed in the module docstring; :class:`DataError`
-    naming the field otherwise."""
+    """A :class:`PreferencePair` from a row in any format listed in the module docstring (with an optional
+    ``weight``); :class:`DataError` naming the field otherwise."""
+    pair = _parse_pair_fields(row)
+    return dataclasses.replace(pair, weight=_parse_weight(row)) if "weight" in row else pair
+
+
+def _parse_pair_fields(row: Mapping[str, Any]) -> PreferencePair:
     if not isinstance(row, Mapping):
         raise DataError(f"row must be an object with fields, got {_type_name(row)}")
     if "prompt" in row and row["prompt"] is not None:
@@ -354,7 +384,12 @@ def _parse_label(row: Mapping[str, Any]) -> bool:
 
 def parse_feedback_row(row: Mapping[str, Any]) -> FeedbackExample:
     """A :class:`FeedbackExample` from a ``prompt`` / ``completion`` / ``label`` row (strings, or messages with a
-    completion starting at the assistant's reply)."""
+    completion starting at the assistant's reply), with an optional ``weight``."""
+    example = _parse_feedback_fields(row)
+    return dataclasses.replace(example, weight=_parse_weight(row)) if "weight" in row else example
+
+
+def _parse_feedback_fields(row: Mapping[str, Any]) -> FeedbackExample:
     if not isinstance(row, Mapping):
         raise DataError(f"row must be an object with fields, got {_type_name(row)}")
     prompt = _text_or_messages(row, "prompt", _FEEDBACK_NEEDS)

@@ -101,10 +101,11 @@ class PairRewardCollator:
         prompts = [row_field(row, "prompt", self.fields) for row in rows]
         chosen = [row_field(row, "chosen", self.fields) for row in rows]
         rejected = [row_field(row, "rejected", self.fields) for row in rows]
-        return {
+        batch = {
             "chosen": encode_prompt_completion(self.tokenizer, prompts, chosen, self.max_length),
             "rejected": encode_prompt_completion(self.tokenizer, prompts, rejected, self.max_length),
         }
+        return _with_weights(batch, rows)
 
 
 class ThumbsRewardCollator:
@@ -120,7 +121,16 @@ class ThumbsRewardCollator:
         prompts = [row_field(row, "prompt", self.fields) for row in rows]
         completions = [row_field(row, "completion", self.fields) for row in rows]
         desirable = [float(bool(row_field(row, "desirable", self.fields))) for row in rows]
-        return {
+        batch = {
             "inputs": encode_prompt_completion(self.tokenizer, prompts, completions, self.max_length),
             "desirable": torch.tensor(desirable, dtype=torch.float32),
         }
+        return _with_weights(batch, rows)
+
+
+def _with_weights(batch: Dict[str, Any], rows: Sequence[Any]) -> Dict[str, Any]:
+    """``batch["weights"]`` ``[B]`` when any row carries a ``weight`` other than 1 (rows or dicts)."""
+    weights = [float(row.get("weight", 1.0) if isinstance(row, dict) else getattr(row, "weight", 1.0)) for row in rows]
+    if any(w != 1.0 for w in weights):
+        batch["weights"] = torch.tensor(weights, dtype=torch.float32)
+    return batch

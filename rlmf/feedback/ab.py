@@ -1,14 +1,18 @@
 """A/B feedback: completions answered by the task's feedback source, as preference pairs and thumbs rows.
 
-:func:`ab_feedback` is what the ``feedback`` stage makes of the simulated recipients' replies; :func:`gold_ordered_pairs`
-builds the discriminator's held-out evaluation pairs from a task's gold metric.
+:func:`ab_feedback` is what the ``feedback`` stage makes of one send per candidate (the default);
+:func:`bandit_feedback` runs a bandit A/B test per prompt (``loop.allocation``, ``loop.sends_per_prompt``) and
+weighs each pair by its evidence (``loop.weighting=posterior``); :func:`gold_ordered_pairs` builds the
+discriminator's held-out evaluation pairs from a task's gold metric.
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import random
+from typing import Any, Dict, List, Sequence, Tuple
 
 from rlmf.data.formats import FeedbackExample, PreferencePair
+from rlmf.feedback.bandit import posterior_pair, run_ab_test
 
 
 def ab_feedback(prompts: Sequence[str], completions: Sequence[str], answers: Sequence[bool], k: int
@@ -43,3 +47,39 @@ def gold_ordered_pairs(prompts: Sequence[str], completions: Sequence[str], gold:
         if abs(ga - gb) >= min_gap:
             pairs.append(PreferencePair(prompts[i], a, b) if ga > gb else PreferencePair(prompts[i], b, a))
     return pairs
+
+
+def bandit_feedback(task, prompts: Sequence[str], completions: Sequence[str], k: int, budget: int, allocation: str,
+                    posterior_weights: bool, send_rng: random.Random, bandit_rng: random.Random
+                    ) -> Tuple[List[PreferencePair], List[FeedbackExample], List[Dict[str, Any]]]:
+    """One A/B test per prompt over its ``k`` candidates (``completions`` ``[len(prompts) * k]``, adjacent), with
+    ``budget`` sends allocated by ``allocation`` (:func:`rlmf.feedback.bandit.run_ab_test`); each send is one answer
+    of ``task.feedback`` (one more recipient like the prompt's), drawn with ``send_rng``.
+
+    Each test gives at most one pair, the best against the worst posterior mean reply rate, weighted by the
+    posterior probability that the chosen's rate is the higher (``posterior_weights``; else 1), and the two as a
+    thumbs-up and a thumbs-down with that weight. Returns ``(pairs, thumbs, tests)``; ``tests`` are rows for
+    ``ab_tests.jsonl``: the prompt, its group, every candidate's sends, replies, posterior mean and (with a gold
+    metric) gold reply probability, the regret after each send, and the pair's weight.
+    """
+    pairs: List[PreferencePair] = []
+    thumbs: List[FeedbackExample] = []
+    tests: List[Dict[str, Any]] = []
+    for n, prompt in enumerate(prompts):
+        candidates = list(completions[n * k:(n + 1) * k])
+        gold = task.gold([prompt] * k, candidates) if task.has_gold else None
+        test = run_ab_test(lambda i: task.feedback([prompt], [candidates[i]], send_rng)[0], k, budget, allocation,
+                           bandit_rng, gold)
+        row = {"prompt": prompt, "group": task.group(prompt), "sends": test.sends, "replies": test.replies,
+               "posterior_mean": [test.posterior_mean(i) for i in range(k)], "gold": gold, "regret": test.regret,
+               "weight": None}
+        picked = posterior_pair(test)
+        if picked is not None and candidates[picked[0]] != candidates[picked[1]]:
+            chosen, rejected, win = picked
+            weight = win if posterior_weights else 1.0
+            row["weight"] = weight
+            pairs.append(PreferencePair(prompt, candidates[chosen], candidates[rejected], weight=weight))
+            thumbs += [FeedbackExample(prompt, candidates[chosen], True, weight=weight),
+                       FeedbackExample(prompt, candidates[rejected], False, weight=weight)]
+        tests.append(row)
+    return pairs, thumbs, tests

@@ -1,7 +1,10 @@
 """Preference and feedback objectives as pure functions over sequence log-probs.
 
 Every loss takes keyword tensors (see each function's docstring for shapes) plus keyword hyperparameters, and
-returns a :class:`LossResult`. ``LOSSES`` maps the name used in ``conf/algo/<name>.yaml`` to the function;
+returns a :class:`LossResult`. Every offline loss (the ``sft``, ``paired``, ``unpaired`` and ``paired_online`` data
+formats) also takes optional per-example ``weights`` [B] (>= 0): its batch mean becomes ``sum(w * l) / sum(w)``
+(token means weight every token of an example by its ``w``); ``None``, the default, and weights of 1 give the
+unweighted loss. The online objectives weigh completions by their rewards instead. ``LOSSES`` maps the name used in ``conf/algo/<name>.yaml`` to the function;
 :func:`get_loss` looks one up with an error that lists the valid names.
 """
 
@@ -67,13 +70,18 @@ def loss_hyperparameters(name: str) -> Dict[str, object]:
 
 
 def loss_inputs(name: str) -> tuple:
-    """Names of the tensors a loss takes (its positional-or-keyword parameters)."""
+    """Names of the tensors a loss requires (its positional-or-keyword parameters without a default)."""
     fn = get_loss(name)
     return tuple(
         p.name
         for p in inspect.signature(fn).parameters.values()
-        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is inspect.Parameter.empty
     )
+
+
+def takes_weights(name: str) -> bool:
+    """Whether a loss takes the optional per-example ``weights`` [B] (every offline loss does)."""
+    return "weights" in inspect.signature(get_loss(name)).parameters
 
 
 # Importing the family modules fills LOSSES. Keep this list sorted; one module per family.

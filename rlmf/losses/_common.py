@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -55,13 +55,38 @@ def mean_token_logps(summed_logps: torch.Tensor, lengths: torch.Tensor) -> torch
     return summed_logps / lengths.clamp(min=1).to(summed_logps.dtype)
 
 
-def token_mean_nll(summed_logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def token_mean_nll(summed_logps: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor] = None
+                   ) -> torch.Tensor:
     """Mean negative log-likelihood per token over the whole batch: ``-sum(summed_logps) / sum(lengths)``.
 
     This is what a causal-LM cross-entropy over the completion tokens of the batch returns: long completions weigh
-    more than short ones, unlike a mean of per-sequence means.
+    more than short ones, unlike a mean of per-sequence means. With per-example ``weights`` [B] every token of
+    example i counts ``w_i`` times: ``-sum(w * summed_logps) / sum(w * lengths)``.
     """
-    return -summed_logps.sum() / lengths.sum().clamp(min=1).to(summed_logps.dtype)
+    if weights is None:
+        return -summed_logps.sum() / lengths.sum().clamp(min=1).to(summed_logps.dtype)
+    w = check_weights(summed_logps, weights)
+    return -(w * summed_logps).sum() / (w * lengths.to(w.dtype)).sum().clamp(min=1e-12)
+
+
+def check_weights(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``weights`` as the dtype of ``values`` after checking it is [B] like them, finite and >= 0."""
+    if weights.shape != values.shape[:1]:
+        raise ValueError(f"weights must have shape [B] = [{values.shape[0]}], got {tuple(weights.shape)}")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError("weights must be finite and >= 0")
+    return weights.to(values.dtype)
+
+
+def weighted_mean(per_example: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The batch mean of per-example losses ``[B]``; with ``weights`` [B], ``sum(w * l) / sum(w)``.
+
+    Weights of 1 give the plain mean exactly; a batch whose weights are all 0 gives 0 (no evidence, no update).
+    """
+    if weights is None:
+        return per_example.mean()
+    w = check_weights(per_example, weights)
+    return (w * per_example).sum() / w.sum().clamp(min=1e-12)
 
 
 def preference_metrics(

@@ -8,10 +8,18 @@ answers are still worse than the model's own (lower both, rejected more).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from rlmf.losses import LossResult, register_loss
-from rlmf.losses._common import check_batch, paired_log_ratios, preference_metrics, unpaired_metrics
+from rlmf.losses._common import (
+    check_batch,
+    paired_log_ratios,
+    preference_metrics,
+    unpaired_metrics,
+    weighted_mean,
+)
 
 
 @register_loss("apo_zero", data="paired", reference=True)
@@ -20,6 +28,7 @@ def apo_zero(
     policy_rejected_logps: torch.Tensor,
     reference_chosen_logps: torch.Tensor,
     reference_rejected_logps: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
     *,
     beta: float = 0.1,
 ) -> LossResult:
@@ -37,7 +46,7 @@ def apo_zero(
     )
     per_pair = (1 - torch.sigmoid(beta * rho_c)) + torch.sigmoid(beta * rho_r)
     metrics = preference_metrics(beta * rho_c, beta * rho_r, policy_chosen_logps, policy_rejected_logps)
-    return LossResult(loss=per_pair.mean(), metrics=metrics)
+    return LossResult(loss=weighted_mean(per_pair, weights), metrics=metrics)
 
 
 @register_loss("apo_down", data="paired", reference=True)
@@ -46,6 +55,7 @@ def apo_down(
     policy_rejected_logps: torch.Tensor,
     reference_chosen_logps: torch.Tensor,
     reference_rejected_logps: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
     *,
     beta: float = 0.1,
 ) -> LossResult:
@@ -63,7 +73,7 @@ def apo_down(
     )
     per_pair = torch.sigmoid(beta * rho_c) + (1 - torch.sigmoid(beta * (rho_c - rho_r)))
     metrics = preference_metrics(beta * rho_c, beta * rho_r, policy_chosen_logps, policy_rejected_logps)
-    return LossResult(loss=per_pair.mean(), metrics=metrics)
+    return LossResult(loss=weighted_mean(per_pair, weights), metrics=metrics)
 
 
 @register_loss("apo_zero_unpaired", data="unpaired", reference=True)
@@ -71,6 +81,7 @@ def apo_zero_unpaired(
     policy_logps: torch.Tensor,
     reference_logps: torch.Tensor,
     desirable: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
     *,
     beta: float = 0.1,
 ) -> LossResult:
@@ -93,4 +104,4 @@ def apo_zero_unpaired(
         raise ValueError(f"apo_zero_unpaired: desirable must be a bool tensor, got {desirable.dtype}")
     rho = policy_logps - reference_logps
     per_row = torch.where(desirable, 1 - torch.sigmoid(beta * rho), torch.sigmoid(beta * rho))
-    return LossResult(loss=per_row.mean(), metrics=unpaired_metrics(beta * rho, desirable))
+    return LossResult(loss=weighted_mean(per_row, weights), metrics=unpaired_metrics(beta * rho, desirable))

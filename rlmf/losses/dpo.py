@@ -13,6 +13,8 @@ every loss here logs the implicit rewards ``beta * rho_c`` and ``beta * rho_r`` 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -23,15 +25,17 @@ from rlmf.losses._common import (
     mean_token_logps,
     paired_log_ratios,
     preference_metrics,
+    weighted_mean,
 )
 
 
-def _result(per_pair_loss, beta, chosen_log_ratios, rejected_log_ratios, policy_chosen_logps, policy_rejected_logps):
-    """The batch-mean loss with the rewards ``beta * log-ratio`` every loss in this family logs."""
+def _result(per_pair_loss, beta, chosen_log_ratios, rejected_log_ratios, policy_chosen_logps, policy_rejected_logps,
+            weights=None):
+    """The batch-mean (or ``weights``-weighted mean) loss with the rewards ``beta * log-ratio`` every loss in this family logs."""
     metrics = preference_metrics(
         beta * chosen_log_ratios, beta * rejected_log_ratios, policy_chosen_logps, policy_rejected_logps
     )
-    return LossResult(loss=per_pair_loss.mean(), metrics=metrics)
+    return LossResult(loss=weighted_mean(per_pair_loss, weights), metrics=metrics)
 
 
 @register_loss("dpo", data="paired", reference=True)
@@ -40,6 +44,7 @@ def dpo(
     policy_rejected_logps: torch.Tensor,
     reference_chosen_logps: torch.Tensor,
     reference_rejected_logps: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
     *,
     beta: float = 0.1,
 ) -> LossResult:
@@ -55,7 +60,7 @@ def dpo(
         "dpo", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
     per_pair = -F.logsigmoid(beta * (rho_c - rho_r))
-    return _result(per_pair, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps)
+    return _result(per_pair, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps, weights)
 
 
 @register_loss("cdpo", data="paired", reference=True)
@@ -64,6 +69,7 @@ def cdpo(
     policy_rejected_logps: torch.Tensor,
     reference_chosen_logps: torch.Tensor,
     reference_rejected_logps: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
     *,
     beta: float = 0.1,
     label_smoothing: float = 0.1,
@@ -84,7 +90,7 @@ def cdpo(
     )
     logits = beta * (rho_c - rho_r)
     per_pair = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    return _result(per_pair, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps)
+    return _result(per_pair, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps, weights)
 
 
 @register_loss("robust", data="paired", reference=True)
@@ -93,6 +99,7 @@ def robust(
     policy_rejected_logps: torch.Tensor,
     reference_chosen_logps: torch.Tensor,
     reference_rejected_logps: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
     *,
     beta: float = 0.1,
     label_smoothing: float = 0.1,
@@ -116,7 +123,7 @@ def robust(
     clean = -(1 - label_smoothing) * F.logsigmoid(logits)
     flipped = -label_smoothing * F.logsigmoid(-logits)
     per_pair = (clean - flipped) / (1 - 2 * label_smoothing)
-    return _result(per_pair, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps)
+    return _result(per_pair, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps, weights)
 
 
 @register_loss("hinge", data="paired", reference=True)
@@ -125,6 +132,7 @@ def hinge(
     policy_rejected_logps: torch.Tensor,
     reference_chosen_logps: torch.Tensor,
     reference_rejected_logps: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
     *,
     beta: float = 0.1,
 ) -> LossResult:
@@ -141,7 +149,7 @@ def hinge(
         "hinge", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
     per_pair = torch.relu(1 - beta * (rho_c - rho_r))
-    return _result(per_pair, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps)
+    return _result(per_pair, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps, weights)
 
 
 @register_loss("ipo", data="paired", reference=True)
@@ -152,6 +160,7 @@ def ipo(
     reference_rejected_logps: torch.Tensor,
     chosen_lengths: torch.Tensor,
     rejected_lengths: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
     *,
     beta: float = 0.1,
 ) -> LossResult:
@@ -178,4 +187,4 @@ def ipo(
     )
     per_token_margin = mean_token_logps(rho_c, chosen_lengths) - mean_token_logps(rho_r, rejected_lengths)
     per_pair = (per_token_margin - 1 / (2 * beta)) ** 2
-    return _result(per_pair, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps)
+    return _result(per_pair, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps, weights)

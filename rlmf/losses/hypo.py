@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from rlmf.losses import LossResult, register_loss
@@ -16,6 +18,7 @@ def hypo(
     reference_rejected_logps: torch.Tensor,
     policy_online_logps: torch.Tensor,
     reference_online_logps: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
     *,
     beta: float = 0.1,
     kl_weight: float = 0.01,
@@ -53,7 +56,8 @@ def hypo(
     for the prompt of pair b). Metrics: those of DPO, plus ``kl`` (= KL_hat, detached).
     """
     offline = dpo(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta=beta
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, weights,
+        beta=beta,
     )
     if policy_online_logps.dim() != 2 or policy_online_logps.shape != reference_online_logps.shape:
         raise ValueError(

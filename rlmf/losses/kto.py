@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from rlmf.losses import LossResult, register_loss
-from rlmf.losses._common import check_batch, unpaired_metrics
+from rlmf.losses._common import check_batch, unpaired_metrics, weighted_mean
 
 
 @register_loss("kto", data="unpaired", reference=True)
@@ -15,6 +17,7 @@ def kto(
     desirable: torch.Tensor,
     policy_kl_logps: torch.Tensor,
     reference_kl_logps: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
     *,
     beta: float = 0.1,
     desirable_weight: float = 1.0,
@@ -50,7 +53,7 @@ def kto(
     log_ratios = policy_logps - reference_logps
     desirable_losses = desirable_weight * (1 - torch.sigmoid(beta * (log_ratios - kl)))
     undesirable_losses = undesirable_weight * (1 - torch.sigmoid(beta * (kl - log_ratios)))
-    loss = torch.where(desirable, desirable_losses, undesirable_losses).mean()
+    loss = weighted_mean(torch.where(desirable, desirable_losses, undesirable_losses), weights)
     metrics = unpaired_metrics(beta * log_ratios, desirable)
     metrics["kl"] = kl
     return LossResult(loss=loss, metrics=metrics)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from rlmf.losses import LossResult, register_loss
-from rlmf.losses._common import check_batch, mean_token_logps, preference_metrics, token_mean_nll
+from rlmf.losses._common import check_batch, mean_token_logps, preference_metrics, token_mean_nll, weighted_mean
 
 _LOG_HALF = -math.log(2.0)
 
@@ -33,6 +35,7 @@ def orpo(
     policy_rejected_logps: torch.Tensor,
     chosen_lengths: torch.Tensor,
     rejected_lengths: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
     *,
     odds_ratio_weight: float = 0.1,
 ) -> LossResult:
@@ -63,8 +66,8 @@ def orpo(
     mean_chosen = mean_token_logps(policy_chosen_logps, chosen_lengths)
     mean_rejected = mean_token_logps(policy_rejected_logps, rejected_lengths)
     log_odds_ratio = (mean_chosen - log1mexp(mean_chosen)) - (mean_rejected - log1mexp(mean_rejected))
-    nll = token_mean_nll(policy_chosen_logps, chosen_lengths)
-    loss = nll - odds_ratio_weight * F.logsigmoid(log_odds_ratio).mean()
+    nll = token_mean_nll(policy_chosen_logps, chosen_lengths, weights)
+    loss = nll - odds_ratio_weight * weighted_mean(F.logsigmoid(log_odds_ratio), weights)
     metrics = preference_metrics(
         odds_ratio_weight * mean_chosen, odds_ratio_weight * mean_rejected, policy_chosen_logps, policy_rejected_logps
     )

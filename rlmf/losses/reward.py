@@ -11,8 +11,12 @@ feedback read the same way:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+
+from rlmf.losses._common import weighted_mean
 
 from rlmf.losses import LossResult
 
@@ -20,6 +24,7 @@ from rlmf.losses import LossResult
 def bradley_terry_loss(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
     *,
     margin: float = 0.0,
 ) -> LossResult:
@@ -33,6 +38,8 @@ def bradley_terry_loss(
     Args:
         chosen_rewards: ``[B]`` rewards of the preferred completions.
         rejected_rewards: ``[B]`` rewards of the dispreferred completions, same prompts in the same order.
+        weights: optional ``[B]`` per-pair weights (>= 0; the mean becomes ``sum(w l) / sum(w)``), e.g. the
+            posterior probability that the chosen email's reply rate beats the rejected one's.
         margin: non-negative offset the reward gap must clear.
 
     Metrics: ``discriminator/accuracy`` is the fraction with ``r_chosen > r_rejected`` (ties count as wrong);
@@ -44,7 +51,7 @@ def bradley_terry_loss(
             f"{tuple(chosen_rewards.shape)} and {tuple(rejected_rewards.shape)}"
         )
     reward_gap = chosen_rewards - rejected_rewards
-    loss = -F.logsigmoid(reward_gap - margin).mean()
+    loss = weighted_mean(-F.logsigmoid(reward_gap - margin), weights)
     metrics = {
         "discriminator/loss": loss.detach(),
         "discriminator/accuracy": (reward_gap > 0).float().mean().detach(),
@@ -53,7 +60,8 @@ def bradley_terry_loss(
     return LossResult(loss=loss, metrics=metrics)
 
 
-def thumbs_loss(rewards: torch.Tensor, desirable: torch.Tensor) -> LossResult:
+def thumbs_loss(rewards: torch.Tensor, desirable: torch.Tensor, weights: Optional[torch.Tensor] = None
+                ) -> LossResult:
     """Binary cross-entropy on thumbs-up/down feedback, with the reward as the logit of "desirable".
 
     ``loss = BCEWithLogits(r, y) = -[y log sigmoid(r) + (1 - y) log sigmoid(-r)]``, averaged over the batch, so a
@@ -62,6 +70,7 @@ def thumbs_loss(rewards: torch.Tensor, desirable: torch.Tensor) -> LossResult:
     Args:
         rewards: ``[B]`` rewards of the completions.
         desirable: ``[B]`` labels, 1 (or True) for thumbs-up and 0 (or False) for thumbs-down.
+        weights: optional ``[B]`` per-row weights (>= 0), as in :func:`bradley_terry_loss`.
 
     Metrics: ``discriminator/accuracy`` is the fraction where ``r > 0`` agrees with the label;
     ``discriminator/margin`` is the mean of the signed reward ``(2y - 1) * r`` (positive when on the right side).
@@ -72,7 +81,7 @@ def thumbs_loss(rewards: torch.Tensor, desirable: torch.Tensor) -> LossResult:
             f"{tuple(desirable.shape)}"
         )
     labels = desirable.to(rewards.dtype)
-    loss = F.binary_cross_entropy_with_logits(rewards, labels)
+    loss = weighted_mean(F.binary_cross_entropy_with_logits(rewards, labels, reduction="none"), weights)
     signed_rewards = (2 * labels - 1) * rewards
     metrics = {
         "discriminator/loss": loss.detach(),

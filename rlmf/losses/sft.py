@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from rlmf.losses import LossResult, register_loss
@@ -9,7 +11,7 @@ from rlmf.losses._common import check_batch, token_mean_nll
 
 
 @register_loss("sft", data="sft", reference=False)
-def sft(policy_logps: torch.Tensor, lengths: torch.Tensor) -> LossResult:
+def sft(policy_logps: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor] = None) -> LossResult:
     """Mean negative log-likelihood per completion token over the batch.
 
         loss = -sum(policy_logps) / sum(lengths)
@@ -22,5 +24,5 @@ def sft(policy_logps: torch.Tensor, lengths: torch.Tensor) -> LossResult:
     token counts. Metric ``nll`` is the (detached) loss.
     """
     check_batch("sft", policy_logps=policy_logps, lengths=lengths)
-    loss = token_mean_nll(policy_logps, lengths)
+    loss = token_mean_nll(policy_logps, lengths, weights)
     return LossResult(loss=loss, metrics={"nll": loss.detach()})

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from rlmf.losses import LossResult, register_loss
-from rlmf.losses._common import check_batch, mean_token_logps, preference_metrics, token_mean_nll
+from rlmf.losses._common import check_batch, mean_token_logps, preference_metrics, token_mean_nll, weighted_mean
 
 
 @register_loss("simpo", data="paired", reference=False)
@@ -15,6 +17,7 @@ def simpo(
     policy_rejected_logps: torch.Tensor,
     chosen_lengths: torch.Tensor,
     rejected_lengths: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
     *,
     beta: float = 2.0,
     gamma: float = 1.0,
@@ -39,7 +42,7 @@ def simpo(
     )
     chosen_rewards = beta * mean_token_logps(policy_chosen_logps, chosen_lengths)
     rejected_rewards = beta * mean_token_logps(policy_rejected_logps, rejected_lengths)
-    loss = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma).mean()
+    loss = weighted_mean(-F.logsigmoid(chosen_rewards - rejected_rewards - gamma), weights)
     metrics = preference_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
     return LossResult(loss=loss, metrics=metrics)
 
@@ -49,6 +52,7 @@ def cpo(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
     chosen_lengths: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
     *,
     beta: float = 0.1,
     nll_weight: float = 1.0,
@@ -74,8 +78,8 @@ def cpo(
     )
     chosen_rewards = beta * policy_chosen_logps
     rejected_rewards = beta * policy_rejected_logps
-    nll = token_mean_nll(policy_chosen_logps, chosen_lengths)
-    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean() + nll_weight * nll
+    nll = token_mean_nll(policy_chosen_logps, chosen_lengths, weights)
+    loss = weighted_mean(-F.logsigmoid(chosen_rewards - rejected_rewards), weights) + nll_weight * nll
     metrics = preference_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
     metrics["nll"] = nll.detach()
     return LossResult(loss=loss, metrics=metrics)

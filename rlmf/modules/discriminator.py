@@ -192,9 +192,11 @@ class Discriminator(lightning.LightningModule):
         if "chosen" in batch:
             chosen_rewards = self(**batch["chosen"])
             rejected_rewards = self(**batch["rejected"])
-            return bradley_terry_loss(chosen_rewards, rejected_rewards, margin=self.hparams.margin), len(chosen_rewards)
+            return (bradley_terry_loss(chosen_rewards, rejected_rewards, batch.get("weights"),
+                                       margin=self.hparams.margin), len(chosen_rewards))
         if "desirable" in batch:
-            return thumbs_loss(self(**batch["inputs"]), batch["desirable"]), len(batch["desirable"])
+            return (thumbs_loss(self(**batch["inputs"]), batch["desirable"], batch.get("weights")),
+                    len(batch["desirable"]))
         raise KeyError(f"discriminator batch has keys {sorted(batch)}; expected chosen/rejected or inputs/desirable")
 
     def on_fit_start(self) -> None:

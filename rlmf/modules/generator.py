@@ -28,7 +28,7 @@ from torch import nn
 
 from rlmf.generation import completion_rows, sample_tokens
 from rlmf.logprobs import completion_logps
-from rlmf.losses import get_loss, loss_inputs
+from rlmf.losses import get_loss, loss_inputs, takes_weights
 from rlmf.placement import put
 
 
@@ -173,6 +173,9 @@ class Generator(L.LightningModule):
     def _shared_step(self, batch: Dict[str, torch.Tensor], split: str) -> torch.Tensor:
         inputs = self._loss_inputs(batch)
         wanted = loss_inputs(self.hparams.loss_name)
+        if "weights" in batch and takes_weights(self.hparams.loss_name):  # per-example evidence (issue #12)
+            wanted = (*wanted, "weights")
+            inputs["weights"] = batch["weights"]
         result = self.loss_fn(**{k: v for k, v in inputs.items() if k in wanted and v is not None},
                               **self.loss_kwargs)
         batch_size = batch["input_ids"].shape[0]

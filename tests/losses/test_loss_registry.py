@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from rlmf.losses import LOSSES, LossResult, get_loss, loss_hyperparameters, loss_inputs
+from rlmf.losses import LOSSES, LossResult, get_loss, loss_hyperparameters, loss_inputs, takes_weights
 
 REPO = Path(__file__).resolve().parents[2]
 ALGO_DIR = REPO / "conf" / "algo"
@@ -76,7 +76,9 @@ def test_signature_tensors_required_hyperparameters_defaulted(name):
     kinds = {p.kind for p in parameters}
     assert kinds <= {inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY}
     for p in parameters:
-        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.name == "weights":
+            assert p.default is None, f"{name}: weights must be optional (None: unweighted)"
+        elif p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
             assert p.default is inspect.Parameter.empty, f"{name}: input {p.name} must not have a default"
         else:
             # numbers, a named variant (loss_type) or None for "filled in by the trainer"; never a bool flag
@@ -90,6 +92,11 @@ def test_signature_tensors_required_hyperparameters_defaulted(name):
         assert inputs[0] == "policy_logps"
     if data == "unpaired":
         assert "desirable" in inputs
+    # every offline loss takes optional per-example weights, after its inputs; the online objectives do not
+    assert takes_weights(name) is (data != "online")
+    if takes_weights(name):
+        names = list(inspect.signature(get_loss(name)).parameters)
+        assert names[len(inputs)] == "weights" and "weights" not in inputs
 
 
 @pytest.mark.parametrize("name", ALL_LOSSES)
@@ -182,3 +189,36 @@ def test_docs_table_lists_every_loss_with_its_defaults():
             assert f"{key}={default}" in row, f"docs/losses.md row for {name} lacks {key}={default}"
         for input_name in loss_inputs(name):
             assert input_name in row, f"docs/losses.md row for {name} lacks input {input_name}"
+
+
+OFFLINE = [n for n in ALL_LOSSES if EXPECTED[n][0] != "online"]
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_weights_of_one_change_nothing_and_weights_are_a_weighted_mean(name, make_inputs):
+    """Weights 1 give the unweighted loss exactly; integer weights equal repeating examples (duplicating row i
+    w_i times), which is what a weighted mean means; a zero weight removes an example's gradient."""
+    inputs = make_inputs(name, batch_size=4, seed=5)
+    loss = get_loss(name)
+    plain = loss(**inputs)
+    ones = loss(**inputs, weights=torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(ones.loss, plain.loss, rtol=1e-12, atol=1e-12)
+    if name == "hypo":  # its online KL term is per prompt, over samples that do not repeat with the pairs
+        return
+    counts = torch.tensor([2, 1, 0, 3])
+    weighted = loss(**inputs, weights=counts.to(torch.float64))
+    repeated = {k: (v.repeat_interleave(counts, dim=0) if k not in ("policy_kl_logps", "reference_kl_logps") else v)
+                for k, v in inputs.items()}
+    torch.testing.assert_close(weighted.loss, loss(**repeated).loss, rtol=1e-10, atol=1e-10)
+    first = next(k for k, v in inputs.items() if v.is_floating_point())
+    x = inputs[first].detach().clone().requires_grad_()
+    loss(**{**inputs, first: x}, weights=counts.to(torch.float64)).loss.backward()
+    assert x.grad[2].abs().sum() == 0 and x.grad[0].abs().sum() > 0
+
+
+def test_bad_weights_are_refused(make_inputs):
+    inputs = make_inputs("dpo", batch_size=3, seed=1)
+    with pytest.raises(ValueError, match=r"weights must have shape \[B\] = \[3\]"):
+        get_loss("dpo")(**inputs, weights=torch.ones(2))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        get_loss("dpo")(**inputs, weights=torch.tensor([1.0, -1.0, 1.0]))
