@@ -1,8 +1,10 @@
 """Compare algorithms over seeds: a Markdown table of held-out results and a plot of the online training curves.
 
 Each argument is a finished run directory (its ``config_resolved.yaml`` and ``summary.json``; the align stage's CSV
-log ``logs/align/metrics.csv`` when the run used ``logger=csv``). Runs are grouped by ``algo.name`` (and the reward
-kind, when it is not the default discriminator); within a group every run is one seed.
+log ``logs/align/metrics.csv`` when the run used ``logger=csv``). Runs are grouped by ``algo.name`` and the settings
+that tell arms apart when they are not at their defaults (the reward kind, ``loop.rounds``, ``task.feedback_prompts``,
+``loop.allocation``, ``loop.sends_per_prompt``, ``loop.weighting``); within a group every run is one seed. A run of
+several rounds is represented by its last round's generator.
 
 The table gives, per group, the held-out gold reply rate of sampled emails (mean and sample standard deviation over
 the seeds), its gain over the run's own SFT generator (mean, with the smallest and largest gain over the seeds, and
@@ -35,7 +37,18 @@ def load(run: Path) -> Dict:
     cfg = yaml.safe_load((run / "config_resolved.yaml").read_text())
     summary = json.loads((run / "summary.json").read_text())
     reward = (cfg.get("reward") or {}).get("kind", "discriminator")
-    group = cfg["algo"]["name"] + ("" if reward == "discriminator" else f" (reward={reward})")
+    loop = cfg.get("loop") or {}
+    rounds = loop.get("rounds", 1)
+    # Settings that tell arms apart, named when not at their defaults.
+    tags = [f"reward={reward}"] if reward != "discriminator" else []
+    tags += [f"{key}={value}" for key, value, default in (
+        ("rounds", rounds, 1), ("feedback_prompts", cfg["task"].get("feedback_prompts"), 256),
+        ("allocation", loop.get("allocation", "uniform"), "uniform"), ("sends", loop.get("sends_per_prompt"), None),
+        ("weighting", loop.get("weighting", "none"), "none")) if value != default]
+    group = cfg["algo"]["name"] + (f" ({', '.join(tags)})" if tags else "")
+    if rounds > 1:  # the run's final generator is its last round's
+        for key in ("gold/reply_rate", "gold/reply_rate_greedy", "kl"):
+            summary[f"{key}/aligned"] = summary[f"{key}/round{rounds}"]
     curves: Dict[str, List[float]] = defaultdict(list)
     log = run / "logs" / "align" / "metrics.csv"
     if log.exists():
