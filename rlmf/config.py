@@ -197,6 +197,15 @@ class LoopConfig:
 
 
 @dataclass
+class FeedbackConfig:
+    """How the align stage's round of machine feedback becomes pairs (:func:`rlmf.pipeline.machine_feedback`)."""
+
+    pairs: str = "best_worst"  # best_worst: best vs worst scored sample | clair: (minimal revision, sample)
+    reviser: str = "guided"  # clair: guided (reward-guided one-line edits) | llm (a causal LM asked to revise)
+    reviser_path: Optional[str] = None  # llm: the reviser's checkpoint; null: the generator itself
+
+
+@dataclass
 class Config:
     task: Any = MISSING
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -207,6 +216,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     seed: int = 0
 
 
@@ -288,6 +298,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"loop.rounds={cfg.loop.rounds} must be at least 1")
     _choice("loop.discriminator", cfg.loop.discriminator, ("warm", "scratch"))
     _choice("loop.allocation", cfg.loop.allocation, ("uniform", "thompson"))
+    _choice("feedback.pairs", cfg.feedback.pairs, ("best_worst", "clair"))
+    _choice("feedback.reviser", cfg.feedback.reviser, ("guided", "llm"))
     _choice("loop.weighting", cfg.loop.weighting, ("none", "posterior"))
     if cfg.loop.sends_per_prompt is not None and cfg.loop.sends_per_prompt < 1:
         raise ConfigError(f"loop.sends_per_prompt={cfg.loop.sends_per_prompt} must be at least 1, or null (one "

@@ -456,6 +456,8 @@ def machine_feedback(run: Run, model, tokenizer, reward) -> Tuple[list, list, Di
     prompt_rows = run.task.train_prompts()
     prompts = [p.prompt for p in prompt_rows]
     emails = sample(run, model, tokenizer, prompt_rows, k, seed=run.seed(4), what="RLMF round samples")
+    if run.cfg.feedback.pairs == "clair":
+        return clair_feedback(run, model, tokenizer, reward, prompts, emails[::k])
     scored = reward.score_with_validity([p for p in prompts for _ in range(k)], emails)
     pairs, thumbs = best_worst_feedback(prompts, emails, scored.scores, scored.valid, k)
     stats = {"align/pairs": len(pairs), "align/unscored_samples": int((~scored.valid).sum()),
@@ -468,6 +470,46 @@ def machine_feedback(run: Run, model, tokenizer, reward) -> Tuple[list, list, Di
     stats.update({"align/sample_gold_reply_rate": sum(gold) / len(gold),
                   "align/chosen_gold_reply_rate": sum(chosen_gold) / max(1, len(chosen_gold)),
                   "align/rejected_gold_reply_rate": sum(rejected_gold) / max(1, len(rejected_gold))})
+    return pairs, thumbs, stats
+
+
+def clair_feedback(run: Run, model, tokenizer, reward, prompts: List[str], originals: List[str]
+                   ) -> Tuple[list, list, Dict[str, float]]:
+    """CLAIR pairs (``feedback.pairs=clair``; :mod:`rlmf.feedback.revise`): each prompt's first sample and its
+    minimal revision, the revision chosen. Thumbs: the revision up, the sample down. Reports how many samples were
+    revised, the mean normalised edit distance of the pairs and, with a gold metric, chosen vs rejected gold."""
+    from rlmf.data import FeedbackExample, PreferencePair
+    from rlmf.feedback.revise import GuidedReviser, LLMReviser, edit_distance
+
+    f, g = run.cfg.feedback, run.cfg.generator
+    if f.reviser == "guided":
+        def rewrite(prompts_: List[str], prefixes: List[str]) -> List[str]:
+            with run.placement.inference():
+                return generate(model, tokenizer, [p + x for p, x in zip(prompts_, prefixes)], max_new_tokens=24,
+                                do_sample=True, temperature=g.temperature, seed=run.seed(7),
+                                max_prompt_length=g.max_prompt_length)
+
+        reviser = GuidedReviser(reward.score_with_validity, rewrite)
+    else:
+        llm, llm_tokenizer = (model, tokenizer) if f.reviser_path is None else run.load_generator(f.reviser_path)
+
+        def answer(texts: List[str]) -> List[str]:
+            with run.placement.inference():
+                return generate(llm, llm_tokenizer, texts, max_new_tokens=g.max_new_tokens, do_sample=False,
+                                max_prompt_length=g.max_prompt_length)
+
+        reviser = LLMReviser(answer)
+    revisions = reviser(prompts, originals)
+    pairs = [PreferencePair(p, r, o) for p, o, r in zip(prompts, originals, revisions) if r is not None]
+    thumbs = [x for pair in pairs for x in (FeedbackExample(pair.prompt, pair.chosen, True),
+                                            FeedbackExample(pair.prompt, pair.rejected, False))]
+    stats = {"align/pairs": len(pairs), "align/clair/revised_fraction": len(pairs) / max(1, len(prompts)),
+             "align/clair/edit_distance": sum(edit_distance(p.chosen, p.rejected) for p in pairs) / max(1, len(pairs))}
+    if run.task.has_gold and pairs:
+        chosen = gold_reply_rates(run, [p.prompt for p in pairs], [p.chosen for p in pairs])
+        rejected = gold_reply_rates(run, [p.prompt for p in pairs], [p.rejected for p in pairs])
+        stats.update({"align/chosen_gold_reply_rate": sum(chosen) / len(chosen),
+                      "align/rejected_gold_reply_rate": sum(rejected) / len(rejected)})
     return pairs, thumbs, stats
 
 
