@@ -198,7 +198,7 @@ class LoopConfig:
 
 @dataclass
 class FeedbackConfig:
-    """How the align stage's round of machine feedback becomes pairs (:func:`rlmf.pipeline.machine_feedback`)."""
+    """How the align stage's round of machine feedback becomes pairs (:func:`rlmf.feedback.machine.machine_feedback`)."""
 
     pairs: str = "best_worst"  # best_worst: best vs worst scored sample | clair: (minimal revision, sample)
     reviser: str = "guided"  # clair: guided (reward-guided one-line edits) | llm (a causal LM asked to revise)
