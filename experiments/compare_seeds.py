@@ -3,7 +3,7 @@
 Each argument is a finished run directory (its ``config_resolved.yaml`` and ``summary.json``; the align stage's CSV
 log ``logs/align/metrics.csv`` when the run used ``logger=csv``). Runs are grouped by ``algo.name`` and the settings
 that tell arms apart when they are not at their defaults (the reward kind, ``loop.rounds``, ``task.feedback_prompts``,
-``loop.allocation``, ``loop.sends_per_prompt``, ``loop.weighting``); within a group every run is one seed. A run of
+``loop.allocation``, ``loop.sends_per_prompt``, ``loop.weighting``, ``feedback.pairs``); within a group every run is one seed. A run of
 several rounds is represented by its last round's generator.
 
 The table gives, per group, the held-out gold reply rate of sampled emails (mean and sample standard deviation over
@@ -44,7 +44,8 @@ def load(run: Path) -> Dict:
     tags += [f"{key}={value}" for key, value, default in (
         ("rounds", rounds, 1), ("feedback_prompts", cfg["task"].get("feedback_prompts"), 256),
         ("allocation", loop.get("allocation", "uniform"), "uniform"), ("sends", loop.get("sends_per_prompt"), None),
-        ("weighting", loop.get("weighting", "none"), "none")) if value != default]
+        ("weighting", loop.get("weighting", "none"), "none"),
+        ("pairs", (cfg.get("feedback") or {}).get("pairs", "best_worst"), "best_worst")) if value != default]
     group = cfg["algo"]["name"] + (f" ({', '.join(tags)})" if tags else "")
     if rounds > 1:  # the run's final generator is its last round's
         for key in ("gold/reply_rate", "gold/reply_rate_greedy", "kl"):
