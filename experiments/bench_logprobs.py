@@ -28,12 +28,13 @@ import csv
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from process_stats import cpu_seconds, peak_rss, reset_peak_rss
 
 GRID_N = (2048, 8192)
 GRID_H = (256, 2048)
@@ -87,18 +88,18 @@ def _worker(spec: dict) -> dict:
     else:
         for t in inputs:
             t.grad = None
-        base = _cpu_reset_peak()
+        base = reset_peak_rss()
         run()
-        peak = _cpu_peak() - base
+        peak = peak_rss() - base
     grads_bytes = sum(t.grad.numel() * t.grad.element_size() for t in inputs)
     times, cpu_times = [], []
     for _ in range(spec["repeats"]):
         sync()
-        start, cpu_start = time.perf_counter(), _cpu_seconds()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
         run()
         sync()
         times.append(time.perf_counter() - start)
-        cpu_times.append(_cpu_seconds() - cpu_start)
+        cpu_times.append(cpu_seconds() - cpu_start)
     out = {
         "time_ms": 1e3 * statistics.median(times),
         "cpu_ms": 1e3 * statistics.median(cpu_times),
@@ -110,29 +111,6 @@ def _worker(spec: dict) -> dict:
     return out
 
 
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process (all threads): less sensitive than wall time to a busy machine."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _cpu_reset_peak() -> int:
-    """Reset the peak RSS to the current RSS; returns the current RSS in bytes."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _proc_status("VmRSS")
-
-
-def _cpu_peak() -> int:
-    return _proc_status("VmHWM")
-
-
-def _proc_status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def _hidden_step(impl, hidden, weight, labels):

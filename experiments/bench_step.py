@@ -71,13 +71,14 @@ import csv
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from process_stats import cpu_seconds, peak_rss, reset_peak_rss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("eager", "ours", "trl")
@@ -287,29 +288,6 @@ def build_data(directory: Path, args) -> dict:
 # ------------------------------------------------------------------------------------------ memory and CPU time
 
 
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process (all threads): less sensitive than wall time to a busy machine."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _cpu_reset_peak() -> int:
-    """Reset the peak RSS to the current RSS; returns the current RSS in bytes."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _proc_status("VmRSS")
-
-
-def _cpu_peak() -> int:
-    return _proc_status("VmHWM")
-
-
-def _proc_status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def _proc_meminfo(key: str) -> int:
@@ -329,17 +307,17 @@ class StepLog:
         self.base_rss = self.peak_rss = 0
 
     def train_start(self):
-        self.base_rss = _cpu_reset_peak()
+        self.base_rss = reset_peak_rss()
 
     def step_start(self):
-        self.begin, self.cpu_begin = time.perf_counter(), _cpu_seconds()
+        self.begin, self.cpu_begin = time.perf_counter(), cpu_seconds()
 
     def step_end(self):
         self.times.append(time.perf_counter() - self.begin)
-        self.cpu_times.append(_cpu_seconds() - self.cpu_begin)
+        self.cpu_times.append(cpu_seconds() - self.cpu_begin)
 
     def train_end(self):
-        self.peak_rss = _cpu_peak()
+        self.peak_rss = peak_rss()
 
     def summary(self, warmup: int) -> dict:
         if len(self.times) <= warmup:
