@@ -57,7 +57,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from process_stats import cpu_seconds, peak_rss, reset_peak_rss
+from process_stats import StepTimer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("ours", "trl")
@@ -78,26 +78,12 @@ def length_score(completion: str) -> float:
 
 
 
-class StepLog:
+class StepLog(StepTimer):
     """What a worker records per step, and the peak memory of its training, whichever trainer drives it."""
 
     def __init__(self):
-        self.begin = self.cpu_begin = 0.0
-        self.times, self.cpu_times, self.prompt_tokens, self.completion_tokens = [], [], [], []
-        self.base_rss = self.peak_rss = 0
-
-    def train_start(self):
-        self.base_rss = reset_peak_rss()
-
-    def step_start(self):
-        self.begin, self.cpu_begin = time.perf_counter(), cpu_seconds()
-
-    def step_end(self):
-        self.times.append(time.perf_counter() - self.begin)
-        self.cpu_times.append(cpu_seconds() - self.cpu_begin)
-
-    def train_end(self):
-        self.peak_rss = peak_rss()
+        super().__init__()
+        self.prompt_tokens, self.completion_tokens = [], []
 
     def summary(self, warmup: int, max_completion_tokens: int) -> dict:
         if len(self.times) <= warmup:

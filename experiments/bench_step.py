@@ -78,7 +78,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from process_stats import cpu_seconds, peak_rss, reset_peak_rss
+from process_stats import StepTimer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("eager", "ours", "trl")
@@ -298,26 +298,12 @@ def _proc_meminfo(key: str) -> int:
     return 1 << 62
 
 
-class StepLog:
+class StepLog(StepTimer):
     """What a worker records per step, and the peak memory of its training, whichever loop drives it."""
 
     def __init__(self):
-        self.begin = self.cpu_begin = 0.0
-        self.times, self.cpu_times, self.tokens = [], [], []
-        self.base_rss = self.peak_rss = 0
-
-    def train_start(self):
-        self.base_rss = reset_peak_rss()
-
-    def step_start(self):
-        self.begin, self.cpu_begin = time.perf_counter(), cpu_seconds()
-
-    def step_end(self):
-        self.times.append(time.perf_counter() - self.begin)
-        self.cpu_times.append(cpu_seconds() - self.cpu_begin)
-
-    def train_end(self):
-        self.peak_rss = peak_rss()
+        super().__init__()
+        self.tokens = []
 
     def summary(self, warmup: int) -> dict:
         if len(self.times) <= warmup:

@@ -8,6 +8,7 @@ folder (they run as ``python experiments/<script>.py``, which puts this folder o
 from __future__ import annotations
 
 import resource
+import time
 
 
 def cpu_seconds() -> float:
@@ -35,3 +36,26 @@ def proc_status(key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+class StepTimer:
+    """Wall and CPU time of each training step, and the peak RSS over training, whichever loop drives it: call
+    :meth:`train_start`, then :meth:`step_start` / :meth:`step_end` around each step, then :meth:`train_end`."""
+
+    def __init__(self):
+        self.begin = self.cpu_begin = 0.0
+        self.times, self.cpu_times = [], []
+        self.base_rss = self.peak_rss = 0
+
+    def train_start(self):
+        self.base_rss = reset_peak_rss()
+
+    def step_start(self):
+        self.begin, self.cpu_begin = time.perf_counter(), cpu_seconds()
+
+    def step_end(self):
+        self.times.append(time.perf_counter() - self.begin)
+        self.cpu_times.append(cpu_seconds() - self.cpu_begin)
+
+    def train_end(self):
+        self.peak_rss = peak_rss()
