@@ -55,3 +55,13 @@ def test_the_main_job_aligns_on_clair_pairs(compose, tmp_path):
         assert 0 < summary["align/clair/edit_distance"] < 1
         assert "align/chosen_gold_reply_rate" in summary
     assert "gold/reply_rate/aligned" in summary
+
+
+def test_a_reviser_that_revises_nothing_stops_the_round_with_the_reason(compose, tmp_path):
+    """The tiny quick generator asked to revise (feedback.reviser=llm) answers nothing usable: the align stage
+    stops, naming the reviser and what to change, instead of failing later on an empty dataset."""
+    from rlmf.train import run_job
+
+    with pytest.raises(RuntimeError, match=r"feedback.pairs=clair: the llm reviser revised none of the 16 samples "
+                                           r"\(every answer was empty or the sample unchanged\)"):
+        run_job(compose("experiment=quick", "feedback.pairs=clair", "feedback.reviser=llm"), tmp_path / "run")

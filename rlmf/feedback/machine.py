@@ -78,6 +78,12 @@ def clair_feedback(run, model, tokenizer, reward, prompts: List[str], originals:
         reviser = LLMReviser(answer)
     revisions = reviser(prompts, originals)
     pairs = [PreferencePair(p, r, o) for p, o, r in zip(prompts, originals, revisions) if r is not None]
+    if not pairs:
+        why = ("no one-line edit scored above its original" if f.reviser == "guided" else
+               "every answer was empty or the sample unchanged")
+        raise RuntimeError(f"feedback.pairs=clair: the {f.reviser} reviser revised none of the {len(prompts)} samples "
+                           f"({why}); point feedback.reviser_path at a model that can revise, or use "
+                           "feedback.reviser=guided or feedback.pairs=best_worst")
     thumbs = [x for pair in pairs for x in (FeedbackExample(pair.prompt, pair.chosen, True),
                                             FeedbackExample(pair.prompt, pair.rejected, False))]
     stats = {"align/pairs": len(pairs), "align/clair/revised_fraction": len(pairs) / max(1, len(prompts)),

@@ -77,3 +77,37 @@ def test_hub_style_loading_of_a_local_directory_generates(tmp_path):
     assert len(sampled) == 6
     assert sampled == generate(loaded, loaded_tok, prompts, max_new_tokens=8, do_sample=True, seed=1,
                                num_return_sequences=2), "seeded sampling must be reproducible"
+
+
+def test_weighted_pairs_from_a_file_reach_the_loss(tmp_path):
+    """A ``weight`` field in a pairs JSONL row travels through tokenisation and collation into the generator's loss:
+    the step's DPO loss is the weighted mean over the pairs (0 removes a pair), not the plain mean."""
+    from rlmf.data import load_pairs, tokenize_pairs, write_jsonl
+    from rlmf.data.collate import PairCollator
+    from rlmf.data.formats import PreferencePair
+    from rlmf.losses import get_loss
+    from rlmf.reference import frozen_copy
+
+    world = build_world(seed=0, num_prospects=40)
+    model, tokenizer = tiny(world)
+    pairs = [PreferencePair(world.train[i].prompt, world.demonstrations["train"][4 * i][1],
+                            world.demonstrations["train"][4 * i + 1][1], weight=w)
+             for i, w in enumerate([2.0, 0.0, 1.0])]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    loaded, _ = load_pairs(tmp_path / "pairs.jsonl")
+    assert [p.weight for p in loaded] == [2.0, 0.0, 1.0]
+    features, _ = tokenize_pairs(loaded, tokenizer, 200, 96)
+    batch = PairCollator(tokenizer.pad_token_id)(features)
+    assert batch["weights"].tolist() == [2.0, 0.0, 1.0]
+
+    reference = frozen_copy(model)
+    torch.nn.init.normal_(model.model.embed_tokens.weight, std=0.05)  # policy != reference, so the pairs differ
+    module = Generator(model, loss_name="dpo", loss_kwargs={"beta": 0.5}, reference=reference)
+    module.log_metrics = lambda *a, **k: None
+    loss = module._shared_step(batch, "train")
+    logps, _ = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    ref, _ = completion_logps(reference, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    per_pair = -torch.nn.functional.logsigmoid(0.5 * ((logps[:3] - ref[:3]) - (logps[3:] - ref[3:])))
+    torch.testing.assert_close(loss, (2 * per_pair[0] + per_pair[2]) / 3)
+    plain = get_loss("dpo")(logps[:3], logps[3:], ref[:3], ref[3:], beta=0.5).loss
+    assert not torch.isclose(loss, plain), "the weights changed nothing"
