@@ -288,6 +288,7 @@ class OnlineGenerator(L.LightningModule):
             stats["dropped_groups"] = 1.0 - keep.float().mean()
 
         inputs = {"old_logps": rows.old_logps, "mask": rows.mask, "reference_logps": reference_logps, **targets}
+        updating = self._clock()
         updates = self._update(rows, inputs, keep)
         trained = self._clock()
         kl = scored.sequence_kl()  # after the update: a single on-policy update fills rows.old_logps
@@ -310,7 +311,7 @@ class OnlineGenerator(L.LightningModule):
                         "invalid_rewards": (~valid).sum().float(),
                         "lr": self.optimizers().param_groups[0]["lr"],
                         "perf/generation_tokens_per_s": sampled_tokens / max(sampled - started, 1e-9),
-                        "perf/training_tokens_per_s": forwarded / max(trained - sampled, 1e-9)})
+                        "perf/training_tokens_per_s": forwarded / max(trained - updating, 1e-9)})
         metrics.update({k: float(v) for k, v in reward_metrics.items() if isinstance(v, (int, float))
                         and math.isfinite(float(v))})
         if self.monitor is not None:
