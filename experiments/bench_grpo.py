@@ -57,7 +57,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from process_stats import StepTimer
+from process_stats import StepTimer, lightning_step_timer, transformers_step_timer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("ours", "trl")
@@ -163,27 +163,20 @@ def _run_ours(spec: dict, prompts, log: StepLog) -> dict:
     data = RowsDataModule(rows, [], OnlinePromptCollator(tokenizer.pad_token_id), spec["prompts_per_step"],
                           seed=spec["seed"])
 
-    class Timer(L.Callback):
-        def on_train_start(self, trainer, pl_module):
-            log.train_start()
+    def count_prompt_tokens(trainer, batch):
+        log.prompt_tokens.append(int(batch["prompt_mask"].sum()) * g)
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            log.prompt_tokens.append(int(batch["prompt_mask"].sum()) * g)
-            log.step_start()
+    def count_completion_tokens(trainer, batch):
+        # OnlineGenerator logs the rollout's mean completion length (stop token included) under TRL's name.
+        mean_length = float(trainer.callback_metrics["align/train/completions/mean_length"])
+        log.completion_tokens.append(mean_length * batch["prompt_ids"].shape[0] * g)
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            log.step_end()
-            # OnlineGenerator logs the rollout's mean completion length (stop token included) under TRL's name.
-            mean_length = float(trainer.callback_metrics["align/train/completions/mean_length"])
-            log.completion_tokens.append(mean_length * batch["prompt_ids"].shape[0] * g)
-
-        def on_train_end(self, trainer, pl_module):
-            log.train_end()
+    timer = lightning_step_timer(log, count_prompt_tokens, count_completion_tokens)
 
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(max_steps=spec["warmup"] + spec["steps"], accelerator="cpu", devices=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Timer()], default_root_dir=root)
+                            limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer], default_root_dir=root)
         trainer.fit(module, datamodule=data)
     return {"attn": model.config._attn_implementation, "reference": reference is not None}
 
@@ -191,7 +184,7 @@ def _run_ours(spec: dict, prompts, log: StepLog) -> dict:
 def _run_trl(spec: dict, prompts, log: StepLog) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import AutoTokenizer, PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(spec["checkpoint"])
@@ -202,30 +195,18 @@ def _run_trl(spec: dict, prompts, log: StepLog) -> dict:
     def length_reward(prompts, completions, **kwargs):
         return [length_score(c) for c in completions]
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.seen = 0
+    seen = {"tokens": 0}
 
-        def on_train_begin(self, args, state, control, **kwargs):
-            log.train_start()
+    def count_tokens(logs):
+        # logging_steps=1: one log per optimiser step. num_tokens is TRL's running count of prompt + completion
+        # tokens (unpadded); completions/mean_length includes the stop token, like ours.
+        if "completions/mean_length" in logs:
+            completion = logs["completions/mean_length"] * per_step * g
+            log.completion_tokens.append(completion)
+            log.prompt_tokens.append(logs["num_tokens"] - seen["tokens"] - completion)
+            seen["tokens"] = logs["num_tokens"]
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            log.step_start()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            log.step_end()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            # logging_steps=1: one log per optimiser step. num_tokens is TRL's running count of prompt + completion
-            # tokens (unpadded); completions/mean_length includes the stop token, like ours.
-            if logs and "completions/mean_length" in logs:
-                completion = logs["completions/mean_length"] * per_step * g
-                log.completion_tokens.append(completion)
-                log.prompt_tokens.append(logs["num_tokens"] - self.seen - completion)
-                self.seen = logs["num_tokens"]
-
-        def on_train_end(self, args, state, control, **kwargs):
-            log.train_end()
+    timer = transformers_step_timer(log, count_tokens)
 
     with tempfile.TemporaryDirectory() as root:
         config = GRPOConfig(
@@ -237,7 +218,7 @@ def _run_trl(spec: dict, prompts, log: StepLog) -> dict:
             gradient_checkpointing=False, bf16=False, fp16=False, model_init_kwargs={"dtype": torch.float32},
             report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
         trainer = GRPOTrainer(model=spec["checkpoint"], reward_funcs=length_reward, args=config,
-                              train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()])
+                              train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
         trainer.remove_callback(PrinterCallback)
         trainer.train()
         attn = trainer.model.config._attn_implementation

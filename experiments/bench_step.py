@@ -78,7 +78,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from process_stats import StepTimer
+from process_stats import StepTimer, lightning_step_timer, transformers_step_timer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("eager", "ours", "trl")
@@ -421,25 +421,13 @@ def _run_ours(spec: dict, log: StepLog) -> dict:
     data = AlignmentDataModule(features, [], "paired", tokenizer.pad_token_id, spec["max_length"],
                                spec["batch_size"], seed=spec["seed"])
 
-    class Timer(L.Callback):
-        def on_train_start(self, trainer, pl_module):
-            log.train_start()
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            log.tokens.append(int(batch["attention_mask"].sum()))
-            log.step_start()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            log.step_end()
-
-        def on_train_end(self, trainer, pl_module):
-            log.train_end()
+    timer = lightning_step_timer(log, lambda trainer, batch: log.tokens.append(int(batch["attention_mask"].sum())))
 
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(max_steps=spec["warmup"] + spec["steps"], accelerator="cpu", devices=1,
                             precision="32-true", gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                            num_sanity_val_steps=0, log_every_n_steps=1, callbacks=[Timer()], default_root_dir=root,
+                            num_sanity_val_steps=0, log_every_n_steps=1, callbacks=[timer], default_root_dir=root,
                             use_distributed_sampler=False)
         trainer.fit(module, datamodule=data)
     return {"attn": model.config._attn_implementation}
@@ -448,7 +436,7 @@ def _run_ours(spec: dict, log: StepLog) -> dict:
 def _run_trl(spec: dict, log: StepLog) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import AutoTokenizer, PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
     from rlmf.data import load_pairs
@@ -465,27 +453,15 @@ def _run_trl(spec: dict, log: StepLog) -> dict:
                                  "chosen": [p.chosen for p in ordered],
                                  "rejected": [p.rejected for p in ordered]})
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.seen = 0
+    seen = {"tokens": 0}
 
-        def on_train_begin(self, args, state, control, **kwargs):
-            log.train_start()
+    def count_tokens(logs):
+        # logging_steps=1: one log per optimiser step; num_tokens is TRL's running attention_mask.sum().
+        if "num_tokens" in logs:
+            log.tokens.append(int(logs["num_tokens"] - seen["tokens"]))
+            seen["tokens"] = logs["num_tokens"]
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            log.step_start()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            log.step_end()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            # logging_steps=1: one log per optimiser step; num_tokens is TRL's running attention_mask.sum().
-            if logs and "num_tokens" in logs:
-                log.tokens.append(int(logs["num_tokens"] - self.seen))
-                self.seen = logs["num_tokens"]
-
-        def on_train_end(self, args, state, control, **kwargs):
-            log.train_end()
+    timer = transformers_step_timer(log, count_tokens)
 
     with tempfile.TemporaryDirectory() as root:
         config = DPOConfig(
@@ -498,7 +474,7 @@ def _run_trl(spec: dict, log: StepLog) -> dict:
             model_init_kwargs={"dtype": torch.float32}, train_sampling_strategy="sequential",
             report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
         trainer = DPOTrainer(model=spec["checkpoint"], args=config, train_dataset=dataset,
-                             processing_class=tokenizer, callbacks=[Timer()])
+                             processing_class=tokenizer, callbacks=[timer])
         trainer.remove_callback(PrinterCallback)
         prepared = trainer.train_dataset
         theirs = [{k: prepared[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}

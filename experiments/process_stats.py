@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import resource
 import time
+from typing import Any, Callable, Dict, Optional
 
 
 def cpu_seconds() -> float:
@@ -59,3 +60,54 @@ class StepTimer:
 
     def train_end(self):
         self.peak_rss = peak_rss()
+
+
+def lightning_step_timer(timer: StepTimer, before_step: Optional[Callable[[Any, Any], None]] = None,
+                         after_step: Optional[Callable[[Any, Any], None]] = None):
+    """A Lightning callback timing each training batch with ``timer``; ``before_step(trainer, batch)`` runs just
+    before the clock starts, ``after_step(trainer, batch)`` just after it stops (e.g. to count tokens)."""
+    import lightning as L
+
+    class Timer(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            timer.train_start()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if before_step is not None:
+                before_step(trainer, batch)
+            timer.step_start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            timer.step_end()
+            if after_step is not None:
+                after_step(trainer, batch)
+
+        def on_train_end(self, trainer, pl_module):
+            timer.train_end()
+
+    return Timer()
+
+
+def transformers_step_timer(timer: StepTimer, on_log: Callable[[Dict[str, float]], None]):
+    """A ``transformers`` trainer callback timing each optimiser step with ``timer``; ``on_log(logs)`` gets every
+    non-empty log the trainer writes (e.g. to count tokens from TRL's ``num_tokens``)."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            timer.train_start()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            timer.step_start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            timer.step_end()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:
+                on_log(logs)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            timer.train_end()
+
+    return Timer()
