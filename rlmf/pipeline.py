@@ -341,8 +341,9 @@ def stage_feedback(run: Run) -> Dict[str, Any]:
     model, tokenizer = run.load_generator(run.require("sft") / "generator" if run.round == 1
                                           else starting_generator(run))
     k = task.setting("feedback_samples_per_prompt", 4)
-    prompts = [p.prompt for p in task.feedback_prompts()]
-    emails = sample(run, model, tokenizer, task.feedback_prompts(), k, seed=run.seed(1),
+    prompt_rows = task.feedback_prompts()
+    prompts = [p.prompt for p in prompt_rows]
+    emails = sample(run, model, tokenizer, prompt_rows, k, seed=run.seed(1),
                     what="feedback emails")
     repeated = [p for p in prompts for _ in range(k)]
     loop = run.cfg.loop

@@ -48,14 +48,6 @@ class Rollout:
     texts: List[str]
     old_values: Optional[torch.Tensor] = None
 
-    def select(self, rows: torch.Tensor) -> "Rollout":
-        """The rollout restricted to ``rows`` (a bool ``[B * G]`` or indices), order kept."""
-        index = rows.nonzero().squeeze(-1) if rows.dtype == torch.bool else rows
-        tensors = {name: getattr(self, name) for name in ("input_ids", "attention_mask", "labels", "old_logps",
-                                                            "mask", "lengths", "clipped", "old_values")}
-        picked = {k: (v[index] if v is not None else None) for k, v in tensors.items()}
-        return Rollout(**picked, texts=[self.texts[i] for i in index.tolist()])
-
 
 @torch.no_grad()
 def rollout(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_generations: int,

@@ -48,6 +48,7 @@ tables (W&B).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -117,8 +118,10 @@ class Scored:
     group_size: int
     kl_coef: float
 
+    @functools.cached_property
     def sequence_kl(self) -> Optional[torch.Tensor]:
-        """``[N]`` summed k1 KL ``sum_t (old_t - ref_t)`` of each completion, or None without a reference."""
+        """``[N]`` summed k1 KL ``sum_t (old_t - ref_t)`` of each completion, or None without a reference; computed
+        once. (A single on-policy update fills ``rows.old_logps`` during the update: read this after it.)"""
         if self.reference_logps is None:
             return None
         return kl_penalty(self.rows.old_logps, self.reference_logps, "k1", mask=self.rows.mask).sum(-1)
@@ -130,7 +133,7 @@ def _grpo_targets(s: Scored, h) -> Tuple[Dict[str, torch.Tensor], Dict[str, torc
 
 
 def _rloo_targets(s: Scored, h):
-    kl, scores, stats = s.sequence_kl(), s.scores, {}
+    kl, scores, stats = s.sequence_kl, s.scores, {}
     if kl is not None:
         scores = rloo_rewards(scores, kl, torch.zeros_like(kl), s.kl_coef)
         stats = _penalty_stats(s, kl)
@@ -149,7 +152,7 @@ def _ppo_targets(s: Scored, h):
     rewards = torch.where(last, rewards + s.scores[:, None].to(rewards.dtype), rewards)
     advantages, returns = gae(rewards, rows.old_values, mask, gamma=h.gamma, lam=h.lam)
     advantages = whiten(advantages, mask)
-    stats = _penalty_stats(s, s.sequence_kl()) if kl is not None else {}
+    stats = _penalty_stats(s, s.sequence_kl) if kl is not None else {}
     return {"advantages": advantages, "returns": returns, "old_values": torch.where(mask, rows.old_values, zero),
             "mask": mask}, stats
 
@@ -291,7 +294,7 @@ class OnlineGenerator(L.LightningModule):
         updating = self._clock()
         updates = self._update(rows, inputs, keep)
         trained = self._clock()
-        kl = scored.sequence_kl()  # after the update: a single on-policy update fills rows.old_logps
+        kl = scored.sequence_kl  # after the update: a single on-policy update fills rows.old_logps
         if kl is not None:
             stats["objective/kl"] = kl.mean()
         stats["objective/entropy"] = -(rows.old_logps * rows.mask).sum(-1).mean()
