@@ -21,6 +21,8 @@ compares the result against ``log_softmax(model(...).logits)`` on a short probe 
 
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -30,6 +32,9 @@ from torch import nn
 
 from rlmf.data.collate import IGNORE_INDEX
 from rlmf.kernels import logprobs_from_hidden, logprobs_from_logits
+from rlmf.packing import PACKINGS, PackedRows, pack, row_groups
+
+log = logging.getLogger(__name__)
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
@@ -213,17 +218,166 @@ def _materialised_logprobs(head: nn.Module, transform: LogitTransform, hidden: t
     return torch.cat(out)
 
 
-def _labelled_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The decoder's last hidden states at the positions that predict a label: ``(hidden [N, H], targets [N],
-    mask [B, L-1])``, ``N = mask.sum()``; ``mask[b, t]`` is ``labels[b, t+1] != -100``."""
+def _padded_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states of padded rows ``[B, L]``: ``[B, L, H]``."""
     # Positions follow the mask, so a left-padded prompt is scored exactly as generate() saw it.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state                     # [B, L, H]
+    return decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
+
+
+def _labelled_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                     packing: str = "none", groups: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoder's last hidden states at the positions that predict a label: ``(hidden [N, H], targets [N],
+    mask [B, L-1])``, ``N = mask.sum()``; ``mask[b, t]`` is ``labels[b, t+1] != -100``.
+
+    ``packing`` (:data:`rlmf.packing.PACKINGS`) picks the layout the decoder runs on: the padded rows as given
+    (``"none"``), packed without padding (``"padding_free"``), or packed with the rows of a ``groups`` entry that
+    share their prompt encoding it once (``"shared_prompt"``; see :mod:`rlmf.packing`). A model that cannot take
+    the packed layout (:func:`packing_problem`) runs padded, and says why once.
+    """
     shifted = labels[:, 1:]                                                           # [B, L-1]
     mask = shifted != IGNORE_INDEX
+    if packing not in PACKINGS:
+        raise ValueError(f"packing={packing!r}; expected one of {', '.join(PACKINGS)}")
+    if packing != "none" and packing_problem(model) is None:
+        hidden = _packed_hidden(model, input_ids, attention_mask, labels, mask,
+                                groups if packing == "shared_prompt" else None)
+        return hidden, shifted[mask], mask
+    hidden = _padded_hidden(model, input_ids, attention_mask)
     return hidden[:, :-1][mask], shifted[mask], mask
+
+
+def _packed_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                   mask: torch.Tensor, groups: Optional[torch.Tensor]) -> torch.Tensor:
+    """The hidden states ``[N, H]`` that predict the labels where ``mask`` (``[B, L-1]``), computed on the packed
+    layout of the padded rows (:func:`rlmf.packing.pack`)."""
+    packed = pack(input_ids, attention_mask, labels, groups)
+    hidden = decoder_of(model)(input_ids=packed.input_ids, attention_mask=packed_attention_mask(model, packed),
+                               position_ids=packed.position_ids, use_cache=False).last_hidden_state  # [R, C, H]
+    sources = packed.index[:, :-1][mask]
+    if bool((sources < 0).any()):
+        raise ValueError("a labelled token follows a padding position; packed rows need each completion to follow "
+                         "its prompt (labels -100 on the prompt, padding only before or after the row)")
+    return hidden.reshape(-1, hidden.shape[-1])[sources]
+
+
+# --- packed rows: the mask each attention implementation takes ---------------------------------------------------
+
+class PackingUnsupported(ValueError):
+    """The model cannot run on packed rows (its attention does not take a custom 4D mask)."""
+
+
+# Attention implementations that take a ready 4D mask and use it as given (transformers 5.24 masking_utils returns
+# a 4D mask unchanged): SDPA a boolean one, eager an additive float one.
+MASKABLE_ATTENTION = ("sdpa", "eager")
+
+
+def packed_attention_mask(model: nn.Module, packed: PackedRows):
+    """The 4D mask (``[R, 1, C, C]``) of ``packed`` in the form ``model``'s attention takes, or, for a model that
+    mixes full and sliding-window layers (``config.layer_types``), a dict of one per layer type as its forward
+    accepts. A model whose every layer slides (``sliding_window`` without ``layer_types``) gets the window applied.
+
+    Raises:
+        PackingUnsupported: another attention implementation, or a layer type other than full and sliding.
+    """
+    base = base_model_of(model)
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation not in MASKABLE_ATTENTION:
+        raise PackingUnsupported(f"attn_implementation={implementation!r} does not take a custom 4D mask (packing "
+                                 f"needs one of {', '.join(MASKABLE_ATTENTION)})")
+    dtype = base.get_input_embeddings().weight.dtype
+
+    def form(allowed: torch.Tensor) -> torch.Tensor:
+        allowed = allowed[:, None]
+        if implementation == "sdpa":
+            return allowed
+        zero = torch.zeros((), dtype=dtype, device=allowed.device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+    window = getattr(config, "sliding_window", None)
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if layer_types - {"full_attention"}:
+        unknown = layer_types - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise PackingUnsupported(f"layer types {sorted(unknown)} are neither full nor sliding-window attention")
+        return {"full_attention": form(packed.allowed), "sliding_attention": form(packed.windowed(window))}
+    if window is not None and getattr(config, "use_sliding_window", True) is not False and not layer_types:
+        return form(packed.windowed(window))
+    return form(packed.allowed)
+
+
+_PACKING_PROBLEMS: "weakref.WeakKeyDictionary[nn.Module, Tuple[str, Optional[str]]]" = weakref.WeakKeyDictionary()
+
+
+def packing_problem(model: nn.Module) -> Optional[str]:
+    """Why ``model`` cannot run on packed rows, or None when it can.
+
+    Decided once per model (and attention implementation) by a probe: three rows, two of which share a prompt,
+    scored padded and packed (:func:`check_packing_matches_padded`). A model that fails it, by an error or by a
+    difference, runs on padded rows; the reason is logged once at WARNING.
+    """
+    base = base_model_of(model)
+    implementation = getattr(base.config, "_attn_implementation", None)
+    known = _PACKING_PROBLEMS.get(base)
+    if known is not None and known[0] == implementation:
+        return known[1]
+    try:
+        check_packing_matches_padded(model)
+        problem = None
+    except Exception as error:  # any failure means: do not pack this model; the reason is what the user needs
+        problem = f"{type(error).__name__}: {error}"
+        log.warning("%s cannot run on packed rows, so its log-probs use padded rows (slower, same numbers): %s",
+                    _describe(model), problem)
+    _PACKING_PROBLEMS[base] = (implementation, problem)
+    return problem
+
+
+@torch.no_grad()
+def check_packing_matches_padded(model: nn.Module, atol: Optional[float] = None, length: int = 12) -> float:
+    """Score a probe padded and packed with a shared prompt; raise ``ValueError`` if they differ by more than
+    ``atol`` per token (default: 1e-4 plus 64 epsilons of the model's dtype, a check for gross errors in 16-bit).
+    Returns the largest difference. Eval mode during the probe; the mode is restored."""
+    base = base_model_of(model)
+    vocab_size = base.get_input_embeddings().num_embeddings
+    head = base.get_output_embeddings()
+    if getattr(head, "weight", None) is not None:
+        vocab_size = min(vocab_size, head.weight.shape[0])
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab_size, (length // 2,), generator=generator)
+    rows = [torch.cat([prompt, torch.randint(0, vocab_size, (n,), generator=generator)]) for n in (length // 2, 3)]
+    rows.append(torch.randint(0, vocab_size, (length - 2,), generator=generator))
+    prompt_lengths = [len(prompt), len(prompt), 2]
+    input_ids = torch.zeros(3, length, dtype=torch.long)
+    attention_mask = torch.zeros(3, length, dtype=torch.long)
+    labels = torch.full((3, length), IGNORE_INDEX)
+    for i, (row, p) in enumerate(zip(rows, prompt_lengths)):
+        input_ids[i, :len(row)] = row
+        attention_mask[i, :len(row)] = 1
+        labels[i, p:len(row)] = row[p:]
+    input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
+    groups = torch.tensor([0, 0, 1])
+    was_training = model.training
+    model.eval()
+    try:
+        shifted = labels[:, 1:]
+        mask = shifted != IGNORE_INDEX
+        padded = head_logprobs(model, _padded_hidden(model, input_ids, attention_mask)[:, :-1][mask], shifted[mask])
+        packed = head_logprobs(model, _packed_hidden(model, input_ids, attention_mask, labels, mask, groups),
+                               shifted[mask])
+    finally:
+        model.train(was_training)
+    worst = float((padded.float() - packed.float()).abs().max())
+    dtype = base.get_input_embeddings().weight.dtype
+    if atol is None:
+        atol = 1e-4 + 64 * torch.finfo(dtype).eps
+    if not worst <= atol:  # also catches NaN
+        raise ValueError(f"packed rows' log-probs differ from padded rows' by up to {worst:.3g} per token "
+                         f"(tolerance {atol:.3g})")
+    return worst
 
 
 def _scatter(mask: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
@@ -233,50 +387,57 @@ def _scatter(mask: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
 
 
 def completion_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           labels: torch.Tensor, temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+                           labels: torch.Tensor, temperature: float = 1.0, *, packing: str = "none",
+                           groups: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the labelled tokens: ``(token_logps [B, L-1], mask [B, L-1])``.
 
     ``token_logps[b, t]`` is ``log p(labels[b, t+1] | input_ids[b, :t+1])`` where ``mask[b, t]``
     (``labels[b, t+1] != -100``), 0 elsewhere. Inputs are ``[B, L]``; ``labels`` are aligned with ``input_ids`` and
     shifted here. Positions follow the mask (``cumsum(mask) - 1``), so left- and right-padded rows score the same.
+    ``packing`` and ``groups`` (``[B]``, rows that may share their prompt) choose the decoder's layout, not the
+    result (:func:`_labelled_hidden`).
     """
-    hidden, targets, mask = _labelled_hidden(model, input_ids, attention_mask, labels)
+    hidden, targets, mask = _labelled_hidden(model, input_ids, attention_mask, labels, packing, groups)
     # Only the labelled positions go through the head: prompts and padding cost nothing there.
     return _scatter(mask, head_logprobs(model, hidden, targets, temperature)), mask
 
 
 def completion_token_logps_and_values(model: nn.Module, value_head: nn.Module, input_ids: torch.Tensor,
-                                      attention_mask: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+                                      attention_mask: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                                      *, packing: str = "none", groups: Optional[torch.Tensor] = None
                                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`completion_token_logps` and, from the same forward, ``values [B, L-1]``: ``value_head`` (``[N, H] ->
     [N]``) on the hidden state that predicts each labelled token, i.e. the value of the state before that token
     (PPO's critic on the policy's shared trunk). Zeros outside the mask."""
-    hidden, targets, mask = _labelled_hidden(model, input_ids, attention_mask, labels)
+    hidden, targets, mask = _labelled_hidden(model, input_ids, attention_mask, labels, packing, groups)
     token_logps = _scatter(mask, head_logprobs(model, hidden, targets, temperature))
     values = value_head(hidden)
     return token_logps, mask, _scatter(mask, values.to(token_logps.dtype))
 
 
 def completion_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                     temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+                     temperature: float = 1.0, *, packing: str = "none", groups: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the labelled (completion) tokens and their counts, each [B].
 
     ``labels`` are aligned with ``input_ids`` (-100 where no loss is taken); the shift happens here: the hidden
     state at position t predicts the label at t+1. Equal to summing
     ``log_softmax(model(input_ids, attention_mask, position_ids).logits / temperature)`` at the labels.
     """
-    token_logps, mask = completion_token_logps(model, input_ids, attention_mask, labels, temperature)
+    token_logps, mask = completion_token_logps(model, input_ids, attention_mask, labels, temperature,
+                                               packing=packing, groups=groups)
     return token_logps.sum(-1), mask.sum(-1)
 
 
 @torch.no_grad()
 def batched_completion_logps(model: nn.Module, features, collate: Callable, batch_size: int = 32,
-                             temperature: float = 1.0, prefix: str = "") -> torch.Tensor:
+                             temperature: float = 1.0, prefix: str = "", packing: str = "none") -> torch.Tensor:
     """:func:`completion_logps` (summed, no grad, eval mode) over tokenized features, ``batch_size`` at a time,
     in the row order ``collate`` produces (paired collators give chosen rows, then rejected, per batch).
 
     Batches go to the model's device; the result is a float32 CPU tensor. ``prefix`` selects other rows of the
-    collated batch (``"kl_"`` for KTO's mismatched rows).
+    collated batch (``"kl_"`` for KTO's mismatched rows). With ``packing`` the rows of a pair share their prompt
+    (:func:`rlmf.packing.row_groups`).
     """
     was_training = model.training
     model.eval()
@@ -285,7 +446,9 @@ def batched_completion_logps(model: nn.Module, features, collate: Callable, batc
     for start in range(0, len(features), batch_size):
         batch = collate(features[start: start + batch_size])
         args = (batch[prefix + k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        out.append(completion_logps(model, *args, temperature=temperature)[0].float().cpu())
+        groups = row_groups(batch) if not prefix else None
+        out.append(completion_logps(model, *args, temperature=temperature, packing=packing,
+                                    groups=groups)[0].float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 

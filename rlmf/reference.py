@@ -81,33 +81,35 @@ def dataset_fingerprint(features: List[Dict[str, Any]]) -> str:
 
 
 def compute_reference_logps(model: nn.Module, features: List[Dict[str, Any]], data_format: str, pad_token_id: int,
-                            batch_size: int = 16) -> List[Any]:
+                            batch_size: int = 16, packing: str = "none") -> List[Any]:
     """Reference log-probs per feature, on the model's device.
 
     Paired data: a ``(chosen, rejected)`` pair. Unpaired data: a float, or ``(completion, kl)`` when the features
     carry KTO's mismatched completion (``kl_completion_ids``, from
-    :func:`rlmf.data.alignment.with_mismatched_completions`).
+    :func:`rlmf.data.alignment.with_mismatched_completions`). ``packing``: the decoder's layout
+    (:data:`rlmf.packing.PACKINGS`), which does not change the numbers.
     """
     if data_format == "unpaired":
         collate = FeedbackCollator(pad_token_id)
-        logps = batched_completion_logps(model, features, collate, batch_size).tolist()
+        logps = batched_completion_logps(model, features, collate, batch_size, packing=packing).tolist()
         if features and "kl_completion_ids" in features[0]:
             mismatched = [{**f, "completion_ids": f["kl_completion_ids"]} for f in features]
-            kl = batched_completion_logps(model, mismatched, collate, batch_size).tolist()
+            kl = batched_completion_logps(model, mismatched, collate, batch_size, packing=packing).tolist()
             return list(zip(logps, kl))
         return logps
     out: List[Any] = []
     collate = PairCollator(pad_token_id)
     for start in range(0, len(features), batch_size):
-        logps = batched_completion_logps(model, features[start: start + batch_size], collate, batch_size).tolist()
+        logps = batched_completion_logps(model, features[start: start + batch_size], collate, batch_size,
+                                         packing=packing).tolist()
         half = len(logps) // 2
         out += list(zip(logps[:half], logps[half:]))
     return out
 
 
 def attach_precomputed(model: nn.Module, model_name_or_path: str | Path, splits: Dict[str, List[Dict[str, Any]]],
-                       data_format: str, pad_token_id: int, cache_dir: str | Path, placement: Any = None
-                       ) -> Tuple[Path, bool]:
+                       data_format: str, pad_token_id: int, cache_dir: str | Path, placement: Any = None,
+                       packing: str = "none") -> Tuple[Path, bool]:
     """Add ``reference_logps`` (and ``reference_kl_logps`` for KTO's mismatched rows) to every feature of every
     split, from the cache when it holds them.
 
@@ -115,7 +117,8 @@ def attach_precomputed(model: nn.Module, model_name_or_path: str | Path, splits:
     weights' dtype and device type the log-probs are computed in, the log-prob backend, and the code computing
     them (:func:`code_fingerprint`); never file sizes or modification times. The file is written atomically under
     a per-process temporary name, so concurrent jobs filling the same entry both succeed. Returns the cache file
-    and whether it was a hit.
+    and whether it was a hit. ``packing`` (the decoder's layout when computing) is not part of the key: it does not
+    change the log-probs beyond float rounding.
     """
     from rlmf.kernels import get_default_backend
 
@@ -130,7 +133,7 @@ def attach_precomputed(model: nn.Module, model_name_or_path: str | Path, splits:
         cached = torch.load(path)
         log.info("reference log-probs: cache hit %s", path)
     else:
-        cached = {name: compute_reference_logps(model, rows, data_format, pad_token_id)
+        cached = {name: compute_reference_logps(model, rows, data_format, pad_token_id, packing=packing)
                   for name, rows in splits.items()}
         buffer = io.BytesIO()
         torch.save(cached, buffer)

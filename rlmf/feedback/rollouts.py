@@ -52,22 +52,26 @@ class Rollout:
 @torch.no_grad()
 def rollout(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_generations: int,
             temperature: float, max_new_tokens: int, stop_ids: Sequence[int], pad_token_id: int,
-            value_head: Optional[nn.Module] = None, score: bool = True) -> Rollout:
+            value_head: Optional[nn.Module] = None, score: bool = True, packing: str = "none") -> Rollout:
     """``num_generations`` completions of each left-padded prompt ``[B, P]`` (on the model's device) from ``model``;
     with a ``value_head`` also its values of every completion state (:attr:`Rollout.old_values`). ``score=False``
-    skips the no-grad scoring forward (``old_logps`` is then None)."""
+    skips the no-grad scoring forward (``old_logps`` is then None). ``packing`` is the scoring forward's layout
+    (:data:`rlmf.packing.PACKINGS`; the completions of a prompt share it)."""
     tokens, keep = sample_tokens(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
                                  temperature=temperature, stop_ids=stop_ids, pad_token_id=pad_token_id,
                                  num_return_sequences=num_generations)
     input_ids, attention_mask, labels = completion_rows(prompt_ids, prompt_mask, tokens, keep, pad_token_id)
     old_values = old_logps = None
+    layout = {"packing": packing,
+              "groups": torch.arange(input_ids.shape[0], device=input_ids.device) // num_generations}
     if not score:
         mask = labels[:, 1:] != IGNORE_INDEX
     elif value_head is None:
-        old_logps, mask = completion_token_logps(model, input_ids, attention_mask, labels, temperature=temperature)
+        old_logps, mask = completion_token_logps(model, input_ids, attention_mask, labels, temperature=temperature,
+                                                 **layout)
     else:
         old_logps, mask, old_values = completion_token_logps_and_values(model, value_head, input_ids, attention_mask,
-                                                                        labels, temperature=temperature)
+                                                                        labels, temperature=temperature, **layout)
     stopped = (torch.isin(tokens, torch.tensor(list(stop_ids), device=tokens.device)) & keep).any(-1)
     lengths = keep.sum(-1)
     texts = tokenizer.batch_decode([row[: int(n)] for row, n in zip(tokens.tolist(), lengths.tolist())],

@@ -29,6 +29,7 @@ from torch import nn
 from rlmf.generation import completion_rows, sample_tokens
 from rlmf.logprobs import completion_logps
 from rlmf.losses import get_loss, loss_inputs, takes_weights
+from rlmf.packing import row_groups, stack_rows
 from rlmf.placement import put
 
 
@@ -62,7 +63,7 @@ class Generator(L.LightningModule):
                  lr: float = 1e-3, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
                  reference: Optional[nn.Module] = None, reference_mode: str = "frozen", online_samples: int = 4,
                  max_new_tokens: int = 96, temperature: float = 1.0, stop_token_ids: Optional[List[int]] = None,
-                 pad_token_id: Optional[int] = None, metric_prefix: str = "generator"):
+                 pad_token_id: Optional[int] = None, metric_prefix: str = "generator", packing: str = "none"):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "reference"])
         self.model = model
@@ -87,27 +88,51 @@ class Generator(L.LightningModule):
             put(self.reference, self.device, dtype if dtype.is_floating_point else None, train=False)
 
     # --- log-probs ----------------------------------------------------------------------------------------------
-    def policy_logps(self, batch: Dict[str, torch.Tensor], prefix: str = "", temperature: float = 1.0
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        return completion_logps(self.model, batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
-                                batch[prefix + "labels"], temperature=temperature)
+    # Rows that share a prompt (a pair's chosen and rejected rows, HyPO's k samples of a prompt, a KTO row and its
+    # mismatched row) are given one group id: with packing=shared_prompt the decoder encodes their prompt once.
+    def _logps(self, model: nn.Module, rows: Tuple[torch.Tensor, ...], groups: Optional[torch.Tensor],
+               temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        return completion_logps(model, *rows, temperature=temperature, packing=self.hparams.packing, groups=groups)
+
+    @staticmethod
+    def _rows(batch: Dict[str, torch.Tensor], prefix: str) -> Tuple[torch.Tensor, ...]:
+        return batch[prefix + "input_ids"], batch[prefix + "attention_mask"], batch[prefix + "labels"]
+
+    def policy_logps(self, batch: Dict[str, torch.Tensor], prefix: str = "", temperature: float = 1.0,
+                     groups: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probs and token counts ``[B]`` of the rows ``prefix*`` under the policy."""
+        return self._logps(self.model, self._rows(batch, prefix), groups, temperature)
 
     @torch.no_grad()
-    def reference_logps(self, batch: Dict[str, torch.Tensor], prefix: str = "", temperature: float = 1.0
-                        ) -> torch.Tensor:
+    def reference_logps(self, batch: Dict[str, torch.Tensor], prefix: str = "", temperature: float = 1.0,
+                        groups: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Reference log-probs of the rows ``prefix*``: precomputed in the batch (``reference_logps`` for the rows,
         ``reference_kl_logps`` for KTO's ``kl_`` rows), the policy with its LoRA adapter off, or the frozen copy."""
         cached = {"": "reference_logps", "kl_": "reference_kl_logps"}.get(prefix)
         if cached in batch:
             return batch[cached]
-        args = (batch[prefix + "input_ids"], batch[prefix + "attention_mask"], batch[prefix + "labels"])
+        return self._reference_logps(self._rows(batch, prefix), groups, temperature, prefix)
+
+    @torch.no_grad()
+    def _reference_logps(self, rows: Tuple[torch.Tensor, ...], groups: Optional[torch.Tensor], temperature: float,
+                         what: str = "") -> torch.Tensor:
         if self.hparams.reference_mode == "lora":
             with self.model.disable_adapter():
-                return completion_logps(self.model, *args, temperature=temperature)[0]
+                return self._logps(self.model, rows, groups, temperature)[0]
         if self.reference is None:
-            raise RuntimeError(f"loss {self.hparams.loss_name!r} needs reference log-probs for the {prefix or 'main'}"
+            raise RuntimeError(f"loss {self.hparams.loss_name!r} needs reference log-probs for the {what or 'main'}"
                                " rows, but the batch has none and no reference model was given (algo.reference)")
-        return completion_logps(self.reference, *args, temperature=temperature)[0]
+        return self._logps(self.reference, rows, groups, temperature)[0]
+
+    def _reference_with_mismatched(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """KTO's reference log-probs of its rows and of their mismatched ``kl_`` rows: one forward in which row ``i``
+        and its mismatched row share prompt ``i`` (unless both are cached in the batch)."""
+        if "reference_logps" in batch or "reference_kl_logps" in batch:
+            return self.reference_logps(batch), self.reference_logps(batch, "kl_")
+        n = batch["input_ids"].shape[0]
+        rows = stack_rows(self._rows(batch, ""), self._rows(batch, "kl_"))
+        both = self._reference_logps(rows, torch.arange(n).repeat(2), 1.0, "main and kl_")
+        return both[:n], both[n:]
 
     @torch.no_grad()
     def sample_online(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -147,16 +172,21 @@ class Generator(L.LightningModule):
         if fmt == "sft":
             logps, lengths = self.policy_logps(batch)
             return {"policy_logps": logps, "lengths": self._per_rank_token_share(lengths)}
-        logps, lengths = self.policy_logps(batch)
-        reference = self.reference_logps(batch) if needs_reference else None
         if fmt == "unpaired":
-            inputs = {"policy_logps": logps, "lengths": lengths, "desirable": batch["desirable"],
-                      "reference_logps": reference}
+            logps, lengths = self.policy_logps(batch)
+            inputs = {"policy_logps": logps, "lengths": lengths, "desirable": batch["desirable"]}
             if "policy_kl_logps" in loss_inputs(self.hparams.loss_name):
                 with torch.no_grad():  # the KL reference point z is detached by definition
                     inputs["policy_kl_logps"] = self._from_all_ranks(self.policy_logps(batch, "kl_")[0])
-                inputs["reference_kl_logps"] = self._from_all_ranks(self.reference_logps(batch, "kl_"))
+                reference, reference_kl = self._reference_with_mismatched(batch)
+                inputs["reference_kl_logps"] = self._from_all_ranks(reference_kl)
+            else:
+                reference = self.reference_logps(batch) if needs_reference else None
+            inputs["reference_logps"] = reference
             return inputs
+        pairs = row_groups(batch)  # the chosen row i and the rejected row B + i share prompt i
+        logps, lengths = self.policy_logps(batch, groups=pairs)
+        reference = self.reference_logps(batch, groups=pairs) if needs_reference else None
         b = logps.shape[0] // 2
         inputs = {"policy_chosen_logps": logps[:b], "policy_rejected_logps": logps[b:],
                   "chosen_lengths": lengths[:b], "rejected_lengths": lengths[b:]}
@@ -166,8 +196,9 @@ class Generator(L.LightningModule):
             # Scored at the temperature they were sampled at, so the KL estimate is of the distribution sampled.
             online = self.sample_online(batch["online_prompt_ids"], batch["online_prompt_mask"])
             k, t = self.hparams.online_samples, self.hparams.temperature
-            inputs["policy_online_logps"] = self.policy_logps(online, "online_", t)[0].view(b, k)
-            inputs["reference_online_logps"] = self.reference_logps(online, "online_", t).view(b, k)
+            prompts = torch.arange(b, device=logps.device).repeat_interleave(k)  # k samples per prompt, adjacent
+            inputs["policy_online_logps"] = self.policy_logps(online, "online_", t, prompts)[0].view(b, k)
+            inputs["reference_online_logps"] = self.reference_logps(online, "online_", t, prompts).view(b, k)
         return inputs
 
     def _shared_step(self, batch: Dict[str, torch.Tensor], split: str) -> torch.Tensor:

@@ -193,7 +193,7 @@ class OnlineGenerator(L.LightningModule):
                  lr: float = 1e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
                  gradient_clip_val: Optional[float] = 1.0, stop_token_ids: Optional[List[int]] = None,
                  pad_token_id: Optional[int] = None, metric_prefix: str = "align",
-                 monitor: Optional[MonitorFn] = None, log_completions_every: int = 0):
+                 monitor: Optional[MonitorFn] = None, log_completions_every: int = 0, packing: str = "none"):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "tokenizer", "reward", "reference", "monitor"])
         self.automatic_optimization = False
@@ -234,7 +234,7 @@ class OnlineGenerator(L.LightningModule):
         return rollout(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
                        num_generations=h.num_generations, temperature=h.temperature,
                        max_new_tokens=h.max_new_tokens, stop_ids=h.stop_token_ids or [], pad_token_id=h.pad_token_id,
-                       value_head=self.value_head, score=not self.single_on_policy_update)
+                       value_head=self.value_head, score=not self.single_on_policy_update, packing=h.packing)
 
     @property
     def single_on_policy_update(self) -> bool:
@@ -280,8 +280,9 @@ class OnlineGenerator(L.LightningModule):
         reference_logps = None
         if self.reference is not None:
             with torch.no_grad():
-                reference_logps = completion_token_logps(self.reference, rows.input_ids, rows.attention_mask,
-                                                         rows.labels, temperature=h.temperature)[0]
+                reference_logps = completion_token_logps(
+                    self.reference, rows.input_ids, rows.attention_mask, rows.labels, temperature=h.temperature,
+                    packing=h.packing, groups=self._prompt_of_rows(len(rows.texts)))[0]
         scored = Scored(rows, scores, valid, reference_logps, h.num_generations, float(self.kl_coef))
         targets, target_stats = TARGETS[h.loss_name](scored, h)
         stats.update(target_stats)
@@ -354,17 +355,24 @@ class OnlineGenerator(L.LightningModule):
     def _loss(self, rows: Rollout, inputs: Dict[str, Optional[torch.Tensor]], part: torch.Tensor, wanted):
         h = self.hparams
         args = (rows.input_ids[part], rows.attention_mask[part], rows.labels[part])
+        layout = {"packing": h.packing, "groups": self._prompt_of_rows(len(rows.texts))[part]}
         current: Dict[str, Optional[torch.Tensor]] = {}
         if self.value_head is not None:
             current["policy_logps"], _, current["values"] = completion_token_logps_and_values(
-                self.model, self.value_head, *args, temperature=h.temperature)
+                self.model, self.value_head, *args, temperature=h.temperature, **layout)
         else:
-            current["policy_logps"], _ = completion_token_logps(self.model, *args, temperature=h.temperature)
+            current["policy_logps"], _ = completion_token_logps(self.model, *args, temperature=h.temperature,
+                                                                **layout)
         sliced = {k: (v[part] if v is not None else None) for k, v in inputs.items()}
         if rows.old_logps is None:  # a single on-policy update (see single_on_policy_update): part is every row
             rows.old_logps = sliced["old_logps"] = current["policy_logps"].detach()
         every = {**sliced, **current}
         return self.loss_fn(**{k: every[k] for k in wanted}, **self.loss_kwargs)
+
+    def _prompt_of_rows(self, n: int) -> torch.Tensor:
+        """``[n]`` the prompt each rollout row completes (its ``num_generations`` rows are adjacent): the rows of a
+        prompt share it when ``packing=shared_prompt``."""
+        return torch.arange(n, device=self.device) // self.hparams.num_generations
 
     def _clock(self) -> float:
         if self.device.type == "cuda":

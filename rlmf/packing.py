@@ -1,0 +1,195 @@
+"""Packed rows: a padded batch re-laid without padding, rows that share a prompt encoding it once.
+
+A preference batch holds each prompt twice (chosen and rejected rows), an online rollout ``G`` times, and every row
+is padded to the longest. :func:`pack` lays the same tokens out as
+
+    [prompt, completion_1, completion_2, ...]  [prompt', completion'_1, ...]  ...   (no padding between them)
+
+in as few rows of ``capacity`` tokens as first-fit-decreasing bin packing allows. Attention inside a packed row is
+restricted by a mask so that each token sees exactly what it saw in its padded row:
+
+* a prompt token sees the earlier tokens of its own prompt;
+* a completion token sees its prompt and the earlier tokens of its own completion, never a sibling completion;
+* positions restart: completion ``k`` continues at ``len(prompt)``, as if it followed the prompt alone.
+
+So the decoder's hidden states, and every log-prob, are those of the padded rows (to float tolerance: the matmuls
+have other shapes), while the prompt is encoded once per group and padding is not computed at all. Rows are grouped
+by the caller (``groups``: the chosen and the rejected row of a pair, the ``G`` completions of a prompt); within a
+group only rows whose prompt tokens are identical share them, the others are packed on their own.
+
+``prompt`` here means the attended tokens before a row's first labelled token; the rest of the row, labelled or not,
+is its completion. Shapes: padded rows ``[B, L]``; packed rows ``[R, C]``; the mask ``[R, C, C]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from rlmf.data.collate import IGNORE_INDEX
+
+# How rows are laid out for the decoder: padded rows as collated, packed rows with each row on its own, or packed
+# rows in which the rows of a group that share their prompt encode it once.
+PACKINGS = ("none", "padding_free", "shared_prompt")
+
+
+@dataclass
+class PackedRows:
+    """The packed layout of a padded batch.
+
+    Attributes:
+        input_ids: ``[R, C]`` tokens (0 in the unused tail of a packed row).
+        position_ids: ``[R, C]`` each token's position in its padded row (counting attended tokens only).
+        allowed: ``[R, C, C]`` bool, ``allowed[r, q, k]``: query ``q`` attends key ``k`` (causal included). Every
+            token attends at least itself, so no attention row is empty.
+        index: ``[B, L]`` long, the flat position ``r * C + c`` of each attended token of the padded rows, -1 at
+            padding: ``hidden.reshape(R * C, H)[index[b, t]]`` is the padded row's hidden state at ``[b, t]``.
+        shared_tokens: prompt tokens not computed again because a group shares them (a statistic).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    allowed: torch.Tensor
+    index: torch.Tensor
+    shared_tokens: int
+
+    def windowed(self, window: int) -> torch.Tensor:
+        """``allowed`` further restricted to keys less than ``window`` positions back (sliding-window layers:
+        ``q_position - k_position < window``, as transformers' sliding mask counts it)."""
+        pos = self.position_ids
+        return self.allowed & ((pos[:, :, None] - pos[:, None, :]) < window)
+
+
+@dataclass
+class _Unit:
+    """One prompt and the completions that follow it: ``(row, attended columns, prompt length, completion tokens)``."""
+
+    prompt: List[int]
+    rows: List[Tuple[int, torch.Tensor, int, List[int]]]
+
+    @property
+    def size(self) -> int:
+        return len(self.prompt) + sum(len(rest) for _, _, _, rest in self.rows)
+
+
+def _units(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+           groups: Optional[List[int]]) -> List[_Unit]:
+    attended = attention_mask.bool()
+    labelled = labels != IGNORE_INDEX
+    units: List[_Unit] = []
+    by_prompt: Dict[Tuple[int, Tuple[int, ...]], _Unit] = {}
+    for b in range(input_ids.shape[0]):
+        cols = attended[b].nonzero().squeeze(1)
+        tokens = input_ids[b, cols].tolist()
+        first = labelled[b, cols].nonzero()
+        p = int(first[0]) if len(first) else len(tokens)
+        if groups is None:
+            unit = None
+        else:
+            key = (groups[b], tuple(tokens[:p]))
+            unit = by_prompt.get(key)
+        if unit is None:
+            unit = _Unit(tokens[:p], [])
+            units.append(unit)
+            if groups is not None:
+                by_prompt[key] = unit
+        unit.rows.append((b, cols, p, tokens[p:]))
+    return units
+
+
+def _first_fit_decreasing(sizes: List[int], capacity: int) -> List[List[int]]:
+    """Unit indices per packed row, each row's sizes summing to at most ``capacity`` (largest units first)."""
+    rows: List[List[int]] = []
+    free: List[int] = []
+    for u in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        for r, room in enumerate(free):
+            if sizes[u] <= room:
+                rows[r].append(u)
+                free[r] -= sizes[u]
+                break
+        else:
+            rows.append([u])
+            free.append(capacity - sizes[u])
+    return rows
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+         groups: Optional[torch.Tensor] = None, capacity: Optional[int] = None) -> PackedRows:
+    """Pack padded rows ``[B, L]`` (left- or right-padded; labels aligned with ``input_ids``, -100 where no loss).
+
+    Args:
+        groups: ``[B]`` ints; rows with equal ``groups`` and identical prompt tokens share one copy of the prompt.
+            None: no sharing (padding-free packing only).
+        capacity: tokens per packed row; None or smaller than the largest group: the largest group's size.
+
+    Returns:
+        :class:`PackedRows` on ``input_ids``' device.
+    """
+    device = input_ids.device
+    ids, mask, labs = input_ids.cpu(), attention_mask.cpu(), labels.cpu()
+    units = _units(ids, mask, labs, groups.tolist() if groups is not None else None)
+    sizes = [u.size for u in units]
+    width = max([capacity or 0, *sizes, 1])
+    layout = _first_fit_decreasing(sizes, width)
+    n_rows = len(layout)
+
+    packed_ids = torch.zeros(n_rows, width, dtype=torch.long)
+    position = torch.zeros(n_rows, width, dtype=torch.long)
+    # Pads get a unit of their own (a negative id unique to the slot) so that they attend only themselves.
+    unit_of = -1 - torch.arange(n_rows * width).view(n_rows, width)
+    branch_of = torch.full((n_rows, width), -1, dtype=torch.long)  # -1: a prompt token, visible to every branch
+    index = torch.full(ids.shape, -1, dtype=torch.long)
+    shared = 0
+    for r, members in enumerate(layout):
+        at = 0
+        for u in members:
+            unit = units[u]
+            p = len(unit.prompt)
+            prompt_at = at
+            packed_ids[r, at:at + p] = torch.tensor(unit.prompt, dtype=torch.long)
+            position[r, at:at + p] = torch.arange(p)
+            unit_of[r, at:at + p] = u
+            at += p
+            for b, cols, row_p, rest in unit.rows:
+                n = len(rest)
+                packed_ids[r, at:at + n] = torch.tensor(rest, dtype=torch.long)
+                position[r, at:at + n] = torch.arange(row_p, row_p + n)
+                unit_of[r, at:at + n] = u
+                branch_of[r, at:at + n] = b
+                index[b, cols[:row_p]] = r * width + prompt_at + torch.arange(row_p)
+                index[b, cols[row_p:]] = r * width + at + torch.arange(n)
+                at += n
+            shared += p * (len(unit.rows) - 1)
+        branch_of[r, at:] = -2  # pads: not prompt tokens (their own unit keeps them apart anyway)
+
+    unit_of, branch_of = unit_of.to(device), branch_of.to(device)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    same_unit = unit_of[:, :, None] == unit_of[:, None, :]
+    visible = (branch_of[:, None, :] == -1) | (branch_of[:, :, None] == branch_of[:, None, :])
+    allowed = same_unit & visible & causal
+    return PackedRows(packed_ids.to(device), position.to(device), allowed, index.to(device), shared)
+
+
+def row_groups(batch: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    """The prompt groups of a collated batch: ``[2B]`` for a paired batch (chosen row ``i`` and rejected row
+    ``B + i`` share prompt ``i``: :class:`rlmf.data.collate.PairCollator`), None for rows that share nothing."""
+    if "chosen_lengths" not in batch:
+        return None
+    pairs = batch["chosen_lengths"].shape[0]
+    return torch.arange(pairs, device=batch["input_ids"].device).repeat(2)
+
+
+def stack_rows(*row_sets: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack ``(input_ids, attention_mask, labels)`` triples of widths ``L_i`` into one ``[sum B_i, max L_i]``
+    triple, the narrower rows padded on the right (token 0, mask 0, label -100), so they run in one forward."""
+    width = max(ids.shape[1] for ids, _, _ in row_sets)
+
+    def widen(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    return (torch.cat([widen(ids, 0) for ids, _, _ in row_sets]),
+            torch.cat([widen(mask, 0) for _, mask, _ in row_sets]),
+            torch.cat([widen(labels, IGNORE_INDEX) for _, _, labels in row_sets]))
