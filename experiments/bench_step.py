@@ -14,6 +14,9 @@ backward, gradient-norm clipping at 1.0 and one AdamW step (constant learning ra
   32-bit) over an :class:`rlmf.data.alignment.AlignmentDataModule` of :func:`rlmf.data.tokenize_pairs` features, as
   ``rlmf.pipeline.stage_align`` builds them from ``rlmf.data.load_pairs``. Its log-probs run the decoder, then the LM
   head only on the completion positions through the fused ``logprobs_from_hidden`` (no ``[tokens, vocab]`` logits).
+  ``ours`` runs the decoder (policy and reference) on packed rows, the default ``generator.packing=shared_prompt``
+  (:mod:`rlmf.packing`): each pair's prompt once, then its chosen and its rejected completion, no padding, under a
+  mask that keeps the rows apart; ``ours_padded`` on the padded ``[2B, T]`` rows (``packing=none``), as before.
 - ``trl``: ``trl.DPOTrainer`` with ``DPOConfig(use_cpu=True, per_device_train_batch_size=B, max_length=...,
   truncation_mode="keep_start", loss_type=["sigmoid"], beta=..., precompute_ref_log_probs=False,
   gradient_checkpointing=False, bf16=False, optim="adamw_torch", lr_scheduler_type="constant", max_grad_norm=1.0,
@@ -81,10 +84,13 @@ from pathlib import Path
 from process_stats import StepTimer, lightning_step_timer, transformers_step_timer
 
 RESULTS = Path(__file__).resolve().parent / "results"
-IMPLEMENTATIONS = ("eager", "ours", "trl")
+IMPLEMENTATIONS = ("eager", "ours_padded", "ours", "trl")
 LABELS = {"eager": "plain eager PyTorch (full logits, log_softmax, gather)",
-          "ours": "RLMF `Generator` (fused log-probs)",
+          "ours_padded": "RLMF `Generator`, padded rows (`generator.packing=none`)",
+          "ours": "RLMF `Generator`, shared prompts, no padding (default `packing=shared_prompt`)",
           "trl": "TRL 1.16 `DPOTrainer`"}
+# The decoder layout of each of our sides (rlmf.packing.PACKINGS).
+PACKING = {"ours_padded": "none", "ours": "shared_prompt"}
 RESULT_MARK = "BENCH_STEP_RESULT "
 SHAPES = {
     "small": dict(hidden_size=256, layers=4, heads=4, vocab=30000, steps=6, warmup=2),
@@ -337,7 +343,7 @@ def _worker(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     log = StepLog()
-    run = {"eager": _run_eager, "ours": _run_ours, "trl": _run_trl}[spec["impl"]]
+    run = {"eager": _run_eager, "ours_padded": _run_ours, "ours": _run_ours, "trl": _run_trl}[spec["impl"]]
     extra = run(spec, log)
     out = log.summary(spec["warmup"])
     out.update(extra, threads=torch.get_num_threads())
@@ -400,6 +406,7 @@ def _run_ours(spec: dict, log: StepLog) -> dict:
     from rlmf.data import load_pairs, tokenize_pairs
     from rlmf.data.alignment import AlignmentDataModule
     from rlmf.generation import stop_token_ids
+    from rlmf.logprobs import packing_problem
     from rlmf.models import load_generator
     from rlmf.modules.generator import Generator
     from rlmf.reference import prepare_reference
@@ -417,7 +424,9 @@ def _run_ours(spec: dict, log: StepLog) -> dict:
     module = Generator(policy, loss_name="dpo", loss_kwargs={"beta": spec["beta"]}, lr=spec["lr"], weight_decay=0.0,
                        warmup_ratio=0.0, reference=reference, reference_mode="frozen",
                        stop_token_ids=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       metric_prefix="align")
+                       metric_prefix="align", packing=PACKING[spec["impl"]])
+    if spec["impl"] == "ours" and packing_problem(policy) is not None:
+        raise RuntimeError(f"packing fell back to padded rows: {packing_problem(policy)}")
     data = AlignmentDataModule(features, [], "paired", tokenizer.pad_token_id, spec["max_length"],
                                spec["batch_size"], seed=spec["seed"])
 
@@ -534,6 +543,9 @@ def _ratio_lines(by: dict, shape: str, applies: bool) -> dict:
     ours = by.get("ours")
     if ours is None:
         return ratios
+    if "ours_padded" in by:
+        ratios["ours_vs_padded_throughput"] = ours["tokens_per_s"] / by["ours_padded"]["tokens_per_s"]
+        ratios["ours_over_padded_peak"] = ours["peak_rss_mb"] / by["ours_padded"]["peak_rss_mb"]
     if "eager" in by:
         ratios["ours_vs_eager_throughput"] = ours["tokens_per_s"] / by["eager"]["tokens_per_s"]
         ratios["ours_over_eager_peak"] = ours["peak_rss_mb"] / by["eager"]["peak_rss_mb"]
@@ -544,6 +556,8 @@ def _ratio_lines(by: dict, shape: str, applies: bool) -> dict:
         ratios["ours_over_trl_train_peak"] = ours["train_peak_mb"] / by["trl"]["train_peak_mb"]
     targets = TARGETS.get(shape, {})
     names = {
+        "ours_vs_padded_throughput": ("ours tokens/s / ours-padded tokens/s", None),
+        "ours_over_padded_peak": ("ours peak RSS / ours-padded peak RSS", None),
         "ours_vs_eager_throughput": ("ours tokens/s / eager tokens/s", None),
         "ours_vs_trl_throughput": ("ours tokens/s / TRL tokens/s", None),
         "ours_over_trl_peak": ("ours peak RSS / TRL peak RSS", "ours_over_trl_train_peak"),
@@ -590,7 +604,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads in the workers (default 1; 0: torch's default, one per core)")
-    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="eager, ours, trl (comma-separated)")
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS),
+                        help="eager, ours_padded, ours, trl (comma-separated)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per implementation")
     parser.add_argument("--out", default=None,
                         help="CSV path (default: results/bench_step_cpu_<shape>.csv, _quick with --quick)")
@@ -686,7 +701,7 @@ def main(argv=None):
     fields = ["impl", "shape", "hidden_size", "layers", "heads", "vocab", "tokenizer_vocab", "params", "batch_size",
               "max_length", "steps", "warmup", "threads", "steps_timed", "s_per_step", "s_per_step_min",
               "s_per_step_max", "cpu_s_per_step", "tokens_per_step", "tokens_per_s", "peak_rss_mb", "base_rss_mb",
-              "train_peak_mb", "ours_vs_eager_throughput", "ours_vs_trl_throughput", "ours_over_trl_peak",
+              "train_peak_mb", "ours_vs_padded_throughput", "ours_over_padded_peak", "ours_vs_eager_throughput", "ours_vs_trl_throughput", "ours_over_trl_peak",
               "ours_over_trl_train_peak", "ours_over_eager_peak", "ours_over_eager_train_peak", "same_batches",
               "process_wall_s", "note"]
     with open(out, "w", newline="") as f:

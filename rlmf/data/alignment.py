@@ -14,7 +14,7 @@ aligned with its rows and the generator uses them instead of a reference model.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -96,8 +96,18 @@ class AlignmentDataModule(RowsDataModule):
     """Shuffled training batches and ordered validation batches of tokenized features (:mod:`rlmf.data.loading`)."""
 
     def __init__(self, train: List[Dict[str, Any]], validation: List[Dict[str, Any]], data_format: str,
-                 pad_token_id: int, max_length: int, batch_size: int, seed: int = 0, num_workers: int = 0):
+                 pad_token_id: int, max_length: int, batch_size: int, seed: int = 0, num_workers: int = 0,
+                 max_tokens: Optional[int] = None):
         if not train:
             raise ValueError("no training rows left for alignment (all were dropped or none were given)")
+        # With a token budget, batches are cut by the tokens the packed decoder computes (length-bucketed).
+        lengths = [packed_tokens(f) for f in train] if max_tokens is not None else None
         super().__init__(train, validation, collator_for(data_format, pad_token_id, max_length), batch_size,
-                         seed=seed, num_workers=num_workers)
+                         seed=seed, num_workers=num_workers, lengths=lengths, max_tokens=max_tokens)
+
+
+def packed_tokens(feature: Dict[str, Any]) -> int:
+    """Tokens a tokenized feature costs the decoder with shared prompts: its prompt once, then each completion it
+    carries (chosen and rejected; a completion and KTO's mismatched one)."""
+    completions = ("chosen_ids", "rejected_ids", "completion_ids", "kl_completion_ids")
+    return len(feature["prompt_ids"]) + sum(len(feature[k]) for k in completions if k in feature)

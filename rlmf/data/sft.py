@@ -10,7 +10,7 @@ across processes and resume mid-epoch like every training loader (:mod:`rlmf.dat
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from rlmf.data.collate import FeedbackCollator, tokenize_feedback
 from rlmf.data.formats import FeedbackExample
@@ -47,11 +47,11 @@ class SFTDataModule(RowsDataModule):
     """Length-bucketed SFT batches (``FeedbackCollator`` rows: loss on the completion tokens)."""
 
     def __init__(self, train: Sequence[Any], validation: Sequence[Any], tokenizer, batch_size: int, max_length: int,
-                 max_prompt_length: int, seed: int = 0, num_workers: int = 0):
+                 max_prompt_length: int, seed: int = 0, num_workers: int = 0, max_tokens: Optional[int] = None):
         train_rows = tokenize_sft(train, tokenizer, max_length, max_prompt_length)
         val_rows = tokenize_sft(validation, tokenizer, max_length, max_prompt_length)
         super().__init__(train_rows, val_rows, FeedbackCollator(tokenizer.pad_token_id), batch_size, seed=seed,
-                         num_workers=num_workers, lengths=_lengths(train_rows))
+                         num_workers=num_workers, lengths=_lengths(train_rows), max_tokens=max_tokens)
 
     def _drop_last(self) -> bool:
         return False  # every demonstration is seen each epoch; bucketing already keeps batches full

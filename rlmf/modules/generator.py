@@ -113,16 +113,20 @@ class Generator(L.LightningModule):
             return batch[cached]
         return self._reference_logps(self._rows(batch, prefix), groups, temperature, prefix)
 
-    @torch.no_grad()
     def _reference_logps(self, rows: Tuple[torch.Tensor, ...], groups: Optional[torch.Tensor], temperature: float,
                          what: str = "") -> torch.Tensor:
-        if self.hparams.reference_mode == "lora":
-            with self.model.disable_adapter():
-                return self._logps(self.model, rows, groups, temperature)[0]
-        if self.reference is None:
+        """The reference forward, under ``inference_mode`` (no autograd bookkeeping at all); the ``[B]`` result is
+        cloned out of it so that the loss may use it like any tensor."""
+        if self.hparams.reference_mode != "lora" and self.reference is None:
             raise RuntimeError(f"loss {self.hparams.loss_name!r} needs reference log-probs for the {what or 'main'}"
                                " rows, but the batch has none and no reference model was given (algo.reference)")
-        return self._logps(self.reference, rows, groups, temperature)[0]
+        with torch.inference_mode():
+            if self.hparams.reference_mode == "lora":
+                with self.model.disable_adapter():
+                    logps = self._logps(self.model, rows, groups, temperature)[0]
+            else:
+                logps = self._logps(self.reference, rows, groups, temperature)[0]
+        return logps.clone()
 
     def _reference_with_mismatched(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """KTO's reference log-probs of its rows and of their mismatched ``kl_`` rows: one forward in which row ``i``

@@ -279,10 +279,11 @@ class OnlineGenerator(L.LightningModule):
         scores, stats = self._reward_stats(raw_scores, valid)
         reference_logps = None
         if self.reference is not None:
-            with torch.no_grad():
+            with torch.inference_mode():
                 reference_logps = completion_token_logps(
                     self.reference, rows.input_ids, rows.attention_mask, rows.labels, temperature=h.temperature,
                     packing=h.packing, groups=self._prompt_of_rows(len(rows.texts)))[0]
+            reference_logps = reference_logps.clone()  # a normal tensor again, for the loss
         scored = Scored(rows, scores, valid, reference_logps, h.num_generations, float(self.kl_coef))
         targets, target_stats = TARGETS[h.loss_name](scored, h)
         stats.update(target_stats)

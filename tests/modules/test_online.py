@@ -149,10 +149,10 @@ def test_resume_position_counts_rollouts_not_optimiser_steps():
     from rlmf.data.loading import training_progress
 
     trainer = SimpleNamespace(accumulate_grad_batches=1, global_step=8)
-    assert training_progress(trainer, steps_per_batch=4)(3) == (0, 2)
+    assert training_progress(trainer, steps_per_batch=4)(lambda epoch: 3) == (0, 2)
     trainer.global_step = 16
-    assert training_progress(trainer, steps_per_batch=4)(3) == (1, 1)
-    assert training_progress(trainer)(3) == (5, 1)
+    assert training_progress(trainer, steps_per_batch=4)(lambda epoch: 3) == (1, 1)
+    assert training_progress(trainer)(lambda epoch: 3) == (5, 1)
 
 
 @pytest.mark.parametrize("name", ["grpo", "online_dpo"])
