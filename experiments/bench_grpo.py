@@ -9,7 +9,9 @@ gradient-norm clipping at 1.0 and one AdamW step.
 
 - ``ours``: :class:`rlmf.modules.online.OnlineGenerator` (``loss_name="grpo"``, ``num_iterations=1``, the whole
   rollout as one minibatch) under a Lightning ``Trainer`` over a ``RowsDataModule`` of the prompt rows, as
-  ``rlmf.pipeline.align_online`` builds it; a frozen copy of the policy is the reference.
+  ``rlmf.pipeline.align_online`` builds it; a frozen copy of the policy is the reference. ``ours`` scores on packed
+  rows (the default ``generator.packing=shared_prompt``: the ``G`` completions of a prompt share one copy of it, no
+  padding), ``ours_padded`` on the padded ``[prompts * G, P + L]`` rollout rows.
 - ``trl``: ``trl.GRPOTrainer`` with ``GRPOConfig(use_cpu=True, per_device_train_batch_size=prompts * G,
   gradient_accumulation_steps=1, num_generations=G, loss_type="grpo", beta=..., gradient_checkpointing=False,
   bf16=False)``: in TRL 1.16 the per-device batch counts completions, and with one accumulation step one generation
@@ -60,7 +62,10 @@ from pathlib import Path
 from process_stats import StepTimer, lightning_step_timer, transformers_step_timer
 
 RESULTS = Path(__file__).resolve().parent / "results"
-IMPLEMENTATIONS = ("ours", "trl")
+IMPLEMENTATIONS = ("ours_padded", "ours", "trl")
+# The decoder layout of each of our sides (rlmf.packing.PACKINGS): ours is the default, the G completions of a prompt
+# sharing it; ours_padded runs the padded rows.
+PACKING = {"ours_padded": "none", "ours": "shared_prompt"}
 RESULT_MARK = "BENCH_GRPO_RESULT "
 DEFAULTS = dict(hidden_size=256, layers=4, heads=4, vocab=1000, num_generations=8, prompts_per_step=4,
                 max_completion_length=128, steps=10, warmup=2)
@@ -122,7 +127,7 @@ def _worker(spec: dict) -> dict:
     with open(spec["prompts_file"]) as f:
         prompts = json.load(f)
     log = StepLog()
-    run = _run_ours if spec["impl"] == "ours" else _run_trl
+    run = _run_ours if spec["impl"] in PACKING else _run_trl
     extra = run(spec, prompts, log)
     most = spec["prompts_per_step"] * spec["num_generations"] * spec["max_completion_length"]
     out = log.summary(spec["warmup"], most)
@@ -157,7 +162,8 @@ def _run_ours(spec: dict, prompts, log: StepLog) -> dict:
         model, tokenizer, reward, loss_name="grpo", loss_kwargs={"beta": spec["beta"]}, reference=reference,
         num_generations=g, num_iterations=1, minibatch_size=None, temperature=1.0,
         max_new_tokens=spec["max_completion_length"], scale_rewards="group", lr=spec["lr"], warmup_ratio=0.0,
-        gradient_clip_val=1.0, stop_token_ids=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
+        gradient_clip_val=1.0, stop_token_ids=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+        packing=PACKING[spec["impl"]])
     features = tokenize_prompts([PromptOnly(p) for p in prompts], tokenizer, None)
     rows = [{**f, "prompt": p} for f, p in zip(features, prompts)]
     data = RowsDataModule(rows, [], OnlinePromptCollator(tokenizer.pad_token_id), spec["prompts_per_step"],
@@ -311,7 +317,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads in the workers (default 1; 0: torch's default, one per core)")
-    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="ours, trl or both (comma-separated)")
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS),
+                        help="ours_padded, ours, trl (comma-separated)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per implementation")
     parser.add_argument("--out", default=None,
                         help="CSV path (default: results/bench_grpo_cpu.csv; with --quick, bench_grpo_cpu_quick.csv)")
@@ -375,6 +382,8 @@ def main(argv=None):
                        f"{args.num_generations} completions x <= {args.max_completion_length} tokens, "
                        f"{info['params'] / 1e6:.2f}M-parameter Llama")
     by = {r["impl"]: r for r in rows if "s_per_step" in r}
+    if "ours" in by and "ours_padded" in by:
+        print(f"\nours-padded s/step / ours s/step = {by['ours_padded']['s_per_step'] / by['ours']['s_per_step']:.2f}")
     if "ours" in by and "trl" in by:
         ours, ref = by["ours"], by["trl"]
         ours["speedup_vs_trl"] = ref["s_per_step"] / ours["s_per_step"]

@@ -28,6 +28,9 @@ class OptimConfig:
     max_steps: int = 100
     max_epochs: Optional[int] = None  # when set: this many passes over the data instead of max_steps
     batch_size: int = 16  # rows per micro-batch; the optimiser sees batch_size x trainer.accumulate_grad_batches
+    # Instead of batch_size rows: as many length-bucketed rows as fit in this many tokens (a pair counts its prompt
+    # once plus both completions, as the packed decoder computes it). Not for the online algorithms' prompts.
+    max_tokens: Optional[int] = None
 
 
 @dataclass
@@ -84,6 +87,11 @@ class GeneratorConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% more time
     tiny: TinyGeneratorConfig = field(default_factory=TinyGeneratorConfig)
     logprob_backend: str = "auto"  # auto | triton | torch (rlmf.kernels)
+    # The decoder's layout for log-probs (rlmf.packing): shared_prompt packs rows without padding and encodes the
+    # prompt of a pair (of a prompt's online samples, of a KTO row and its mismatched row) once; padding_free packs
+    # without sharing; none runs the padded rows. Same numbers either way; a model whose attention cannot take the
+    # packed mask (flash-attention) falls back to padded rows with a logged reason.
+    packing: str = "shared_prompt"
     max_length: int = 192
     max_prompt_length: int = 96
     max_new_tokens: int = 96
@@ -178,6 +186,10 @@ class LoggerConfig:
 class StageConfig:
     stages: List[str] = field(default_factory=lambda: list(STAGES))
     from_run: Optional[str] = None  # an earlier run directory whose finished stages are reused
+    # Where the jobs of a sweep share their sft, feedback and discriminator stages and the align stage's round of
+    # machine feedback, each under a key of the config it reads (rlmf.pipeline.stage_key), computed once under a
+    # lock; a relative path is taken inside the directory that holds the job's (the sweep directory). null: off.
+    cache_dir: Optional[str] = None
 
 
 @dataclass
@@ -200,9 +212,27 @@ class LoopConfig:
 class FeedbackConfig:
     """How the align stage's round of machine feedback becomes pairs (:func:`rlmf.feedback.machine.machine_feedback`)."""
 
-    pairs: str = "best_worst"  # best_worst: best vs worst scored sample | clair: (minimal revision, sample)
+    # best_worst: best vs worst scored sample | clair: (minimal revision, sample) | ab: the feedback stage's A/B pairs
+    # as they are (replied vs ignored; no reward model in between)
+    pairs: str = "best_worst"
     reviser: str = "guided"  # clair: guided (reward-guided one-line edits) | llm (a causal LM asked to revise)
     reviser_path: Optional[str] = None  # llm: the reviser's checkpoint; null: the generator itself
+    # best_worst: the chosen is the sample ranked chosen_rank of k (1: the best; k-1: the second-worst, a chosen
+    # below the model's typical sample, as in APO's "worse chosen" condition); the rejected is always the worst.
+    chosen_rank: int = 1
+    # Leave out this fraction of the round's desirable examples (thumbs-up rows, and the pairs they are the chosen
+    # of), drawn at random: KTO's data-imbalance experiment (Ethayarajh et al. 2024).
+    drop_desirable: float = 0.0
+
+
+@dataclass
+class EvaluateConfig:
+    """Extra measurements of the evaluate stage (:func:`rlmf.pipeline.stage_evaluate`); the held-out prompts and
+    samples per prompt are the task's (``task.eval_prompts``, ``task.eval_samples_per_prompt``)."""
+
+    # Best-of-n sampling from the SFT model, the discriminator picking: gold reply rate, proxy reward and the analytic
+    # KL log n - (n - 1) / n of each n listed (e.g. [1, 2, 4, 8, 16]; Gao et al. 2023). Empty: not measured.
+    best_of_n: List[int] = field(default_factory=list)
 
 
 @dataclass
@@ -217,10 +247,20 @@ class Config:
     stage: StageConfig = field(default_factory=StageConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     seed: int = 0
 
 
+def kto_balanced_desirable_weight(drop_desirable: float) -> float:
+    """KTO's desirable weight lambda_D once a fraction ``drop_desirable`` = d of the desirable examples is dropped
+    from balanced data: n_D = (1 - d) n_U, so lambda_D = 1 / (1 - d) (lambda_U = 1) makes
+    lambda_D n_D / (lambda_U n_U) = 1, the lower end of the range [1, 4/3] that Ethayarajh et al. 2024 prescribe.
+    In a config: ``${kto_balanced_desirable_weight:${feedback.drop_desirable}}``."""
+    return 1.0 / (1.0 - float(drop_desirable))
+
+
 def register_configs() -> None:
+    OmegaConf.register_new_resolver("kto_balanced_desirable_weight", kto_balanced_desirable_weight, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="rlmf_config", node=Config)
     # Schemas live in their own group so they are not listed as task options; each task yaml extends one.
@@ -250,6 +290,7 @@ def validate(cfg: DictConfig) -> None:
     """Checks that a dataclass type cannot express. Runs before any work."""
     from rlmf.kernels import BACKENDS
     from rlmf.losses import LOSSES, get_loss, loss_hyperparameters
+    from rlmf.packing import PACKINGS
     from rlmf.placement import DTYPES, PRECISIONS
 
     for stage in cfg.stage.stages:
@@ -258,6 +299,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.generator.kind == "hf" and not cfg.generator.name_or_path:
         raise ConfigError("generator=hf needs generator.name_or_path (a hub name or a local directory)")
     _choice("generator.logprob_backend", cfg.generator.logprob_backend, BACKENDS)
+    _choice("generator.packing", cfg.generator.packing, PACKINGS)
     if cfg.generator.torch_dtype is not None:
         _choice("generator.torch_dtype", cfg.generator.torch_dtype, tuple(DTYPES))
     if cfg.generator.attn_implementation is not None:
@@ -269,6 +311,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("generator.sft.max_epochs", "algo.optim.max_epochs"):
         if OmegaConf.select(cfg, key) is not None and OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1, or null to use max_steps")
+    for key in ("generator.sft.max_tokens", "algo.optim.max_tokens"):
+        if OmegaConf.select(cfg, key) is not None and OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1, or null for batch_size rows")
     on_gpu = cfg.trainer.accelerator != "cpu" and _has_cuda()
     if cfg.generator.logprob_backend == "triton" and not on_gpu and not os.environ.get("TRITON_INTERPRET"):
         raise ConfigError("generator.logprob_backend=triton needs a CUDA device (or TRITON_INTERPRET=1 to run the "
@@ -298,9 +343,22 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"loop.rounds={cfg.loop.rounds} must be at least 1")
     _choice("loop.discriminator", cfg.loop.discriminator, ("warm", "scratch"))
     _choice("loop.allocation", cfg.loop.allocation, ("uniform", "thompson"))
-    _choice("feedback.pairs", cfg.feedback.pairs, ("best_worst", "clair"))
+    _choice("feedback.pairs", cfg.feedback.pairs, ("best_worst", "clair", "ab"))
     _choice("feedback.reviser", cfg.feedback.reviser, ("guided", "llm"))
     _choice("loop.weighting", cfg.loop.weighting, ("none", "posterior"))
+    k = cfg.task.get("align_samples_per_prompt")
+    if cfg.feedback.chosen_rank < 1 or (k is not None and cfg.feedback.chosen_rank > k - 1):
+        raise ConfigError(f"feedback.chosen_rank={cfg.feedback.chosen_rank} must lie in [1, k - 1] for the k="
+                          f"{k} samples per prompt (task.align_samples_per_prompt): the worst is the rejected")
+    if any(n < 1 for n in cfg.evaluate.best_of_n):
+        raise ConfigError(f"evaluate.best_of_n={list(cfg.evaluate.best_of_n)}: every n must be at least 1")
+    if not 0.0 <= cfg.feedback.drop_desirable < 1.0:
+        raise ConfigError(f"feedback.drop_desirable={cfg.feedback.drop_desirable} must lie in [0, 1)")
+    if cfg.stage.cache_dir is not None and (str(cfg.trainer.devices) not in ("1", "auto")
+                                            or cfg.trainer.strategy not in ("auto", "single_device")):
+        raise ConfigError(f"stage.cache_dir={cfg.stage.cache_dir} shares stages between single-process jobs; with "
+                          f"trainer.devices={cfg.trainer.devices} strategy={cfg.trainer.strategy} leave it null and "
+                          "hand stages over with stage.from_run")
     if cfg.loop.sends_per_prompt is not None and cfg.loop.sends_per_prompt < 1:
         raise ConfigError(f"loop.sends_per_prompt={cfg.loop.sends_per_prompt} must be at least 1, or null (one "
                           "send per candidate)")
@@ -328,6 +386,9 @@ def _validate_online(cfg: DictConfig) -> None:
         raise ConfigError(f"algo.online.num_generations={o.num_generations} must be at least 1")
     if o.num_iterations < 1:
         raise ConfigError(f"algo.online.num_iterations={o.num_iterations} must be at least 1")
+    if cfg.algo.optim.get("max_tokens") is not None:
+        raise ConfigError(f"algo.optim.max_tokens={cfg.algo.optim.max_tokens}: {name} batches prompts, whose "
+                          "completions do not exist yet; use algo.optim.batch_size (prompts per rollout)")
     if o.minibatch_size is not None and o.minibatch_size < 1:
         raise ConfigError(f"algo.online.minibatch_size={o.minibatch_size} must be at least 1, or null")
     if name == "online_dpo" and o.minibatch_size is not None and o.minibatch_size % o.num_generations:

@@ -3,11 +3,14 @@
 Each stage writes its outputs under ``<run_dir>/<stage>/`` and a ``done.json`` last. A stage whose ``done.json``
 exists in the run directory (a resumed run) or in ``stage.from_run`` (a hand-off from an earlier run) is not run
 again: its outputs are used as they are. So ``stage=sft`` then ``stage=align stage.from_run=<that run>`` hands a
-checkpoint from one job to the next, and re-running a crashed job in its own directory resumes it.
+checkpoint from one job to the next, and re-running a crashed job in its own directory resumes it. With
+``stage.cache_dir`` the jobs of a sweep share their sft, feedback and discriminator stages (and the align stage's
+round of machine feedback) by content: :func:`stage_key`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -99,14 +102,38 @@ class Run:
         return root if self.round == 1 else root / f"round{self.round}"
 
     def stage_dir(self, stage: str) -> Path:
-        return self._round_root(self.run_dir) / stage
+        """Where ``stage`` writes: its shared directory when the sweep shares it (:meth:`shared_stage_dir`), else
+        ``<run_dir>/<stage>``."""
+        shared = self.shared_stage_dir(stage)
+        return shared if shared is not None else self._round_root(self.run_dir) / stage
+
+    def shared_stage_dir(self, stage: str) -> Optional[Path]:
+        """``<stage.cache_dir>/<stage>-<key>`` for a stage every job with the same inputs can share (sft, feedback,
+        discriminator of round 1; :func:`stage_key`), or None when ``stage.cache_dir`` is null. A relative
+        ``cache_dir`` is taken from the directory that holds the run directory: the sweep directory in a multirun."""
+        if self.cfg.stage.get("cache_dir") is None or stage not in SHARED_STAGES or self.round != 1:
+            return None
+        root = Path(self.cfg.stage.cache_dir)
+        root = root if root.is_absolute() else self.run_dir.parent / root
+        return root / f"{stage}-{stage_key(self.cfg, stage)[:16]}"
+
+    def shared_feedback_dir(self) -> Optional[Path]:
+        """Where the align stage's round of machine feedback is shared (round 1 with ``stage.cache_dir``), else
+        None: ``<stage.cache_dir>/align_feedback-<key>``."""
+        sft = self.shared_stage_dir("sft")
+        return None if sft is None else sft.parent / f"align_feedback-{stage_key(self.cfg, 'align_feedback')[:16]}"
 
     def finished_dir(self, stage: str) -> Optional[Path]:
-        """Where a finished ``stage`` (of this round) lies: this run first, then ``stage.from_run``."""
-        candidates = [self.run_dir] + ([Path(self.cfg.stage.from_run)] if self.cfg.stage.from_run else [])
-        for root in candidates:
-            if (self._round_root(root) / stage / "done.json").exists():
-                return self._round_root(root) / stage
+        """Where a finished ``stage`` (of this round) lies: this run first, then the shared stages
+        (``stage.cache_dir``), then ``stage.from_run``."""
+        candidates = [self._round_root(self.run_dir) / stage]
+        if self.shared_stage_dir(stage) is not None:
+            candidates.append(self.shared_stage_dir(stage))
+        if self.cfg.stage.from_run:
+            candidates.append(self._round_root(Path(self.cfg.stage.from_run)) / stage)
+        for directory in candidates:
+            if (directory / "done.json").exists():
+                return directory
         return None
 
     def require(self, stage: str) -> Path:
@@ -154,6 +181,81 @@ class Run:
             self._wandb.experiment.finish()
 
 
+# --- stages shared between the jobs of a sweep (stage.cache_dir) -------------------------------------------------
+
+SHARED_STAGES = ("sft", "feedback", "discriminator")
+# ... and the align stage's round of machine feedback (rlmf.feedback.machine.round_feedback): the SFT model's samples
+# ranked by the reward, the same for every algorithm and loss setting of a seed.
+SHARED_STEPS = SHARED_STAGES + ("align_feedback",)
+# The config each shared step reads, besides the steps before it (their keys are chained into its own). A task key
+# a stage never reads is left out, so that e.g. an ablation over task.align_prompts still shares the SFT model.
+STAGE_INPUTS = {
+    "sft": ("seed", "task", "generator", "trainer"),
+    "feedback": ("task", "loop.allocation", "loop.sends_per_prompt", "loop.weighting"),
+    "discriminator": ("discriminator",),
+    "align_feedback": ("task", "reward", "feedback.pairs", "feedback.reviser", "feedback.reviser_path",
+                       "feedback.chosen_rank"),
+}
+UNREAD_TASK_KEYS = {
+    "sft": ("eval_prompts", "eval_samples_per_prompt", "feedback_prompts", "feedback_samples_per_prompt",
+            "align_prompts", "align_samples_per_prompt"),
+    "feedback": ("eval_samples_per_prompt", "align_prompts", "align_samples_per_prompt"),
+    "align_feedback": ("eval_samples_per_prompt",),
+}
+# Trainer settings that change no result (display, logging cadence, data-loading processes).
+UNREAD_TRAINER_KEYS = ("progress_bar", "log_every_n_steps", "num_workers")
+
+
+def stage_inputs(cfg: DictConfig, stage: str) -> Dict[str, Any]:
+    """The resolved config a shared stage depends on (:data:`STAGE_INPUTS`), as plain data."""
+    inputs = {}
+    for key in STAGE_INPUTS[stage]:
+        value = OmegaConf.select(cfg, key)
+        value = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+        if key == "task":
+            value = {k: v for k, v in value.items() if k not in UNREAD_TASK_KEYS.get(stage, ())}
+        if key == "trainer":
+            value = {k: v for k, v in value.items() if k not in UNREAD_TRAINER_KEYS}
+        inputs[key] = value
+    return inputs
+
+
+def stage_key(cfg: DictConfig, stage: str) -> str:
+    """A content address for a shared stage: sha256 of its inputs and of the keys of the stages before it, so two
+    jobs get the same key exactly when the stage would compute the same thing (the code is not part of the key:
+    share a cache directory between sweeps only with unchanged code)."""
+    previous = SHARED_STEPS[:SHARED_STEPS.index(stage)]
+    blob = json.dumps({"stage": stage, "inputs": stage_inputs(cfg, stage),
+                       "after": [stage_key(cfg, s) for s in previous]}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def stage_lock(directory: Path):
+    """An exclusive lock on ``<directory>.lock`` (``fcntl.flock``): one job computes a shared stage while the others
+    wait, then find its ``done.json``. The lock dies with its process, so a killed job never blocks the sweep."""
+    import fcntl
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.with_name(directory.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def link_shared_stage(run: Run, stage: str, shared: Path) -> None:
+    """``<run_dir>/<stage>`` -> the shared directory, so the job directory reads like an unshared one (and works as
+    a ``stage.from_run``)."""
+    link = run.run_dir / stage
+    if (shared / "done.json").exists() and not link.exists() and not link.is_symlink():
+        try:
+            link.symlink_to(shared.resolve(), target_is_directory=True)
+        except FileExistsError:  # pragma: no cover - a resumed job that linked it already
+            pass
+
+
 def mark_done(directory: Path, metrics: Dict[str, Any]) -> None:
     write_atomic(directory / "done.json", json.dumps(metrics, indent=2, sort_keys=True))
 
@@ -171,8 +273,8 @@ def stage_steps(run: Run, steps: int) -> int:
 
 def optimiser_steps(run: Run, opt: DictConfig, batches_per_epoch: int) -> int:
     """A generator stage's length in optimiser steps: ``opt.max_epochs`` passes over the data when set (each epoch
-    ``ceil(batches / trainer.accumulate_grad_batches)`` steps), else ``opt.max_steps``; capped by
-    ``trainer.max_steps``."""
+    ``ceil(batches / trainer.accumulate_grad_batches)`` steps; with ``opt.max_tokens`` the batches per epoch vary
+    and ``batches_per_epoch`` is their mean), else ``opt.max_steps``; capped by ``trainer.max_steps``."""
     if opt.get("max_epochs"):
         steps = opt.max_epochs * math.ceil(batches_per_epoch / run.cfg.trainer.accumulate_grad_batches)
     else:
@@ -288,10 +390,10 @@ def stage_sft(run: Run) -> Dict[str, Any]:
     train, validation = run.task.demonstrations("train"), run.task.demonstrations("validation")
     data = SFTDataModule(train, validation, tokenizer,
                          batch_size=opt.batch_size, max_length=g.max_length, max_prompt_length=g.max_prompt_length,
-                         seed=run.cfg.seed, num_workers=run.cfg.trainer.num_workers)
+                         seed=run.cfg.seed, num_workers=run.cfg.trainer.num_workers, max_tokens=opt.max_tokens)
     module = Generator(model, loss_name="sft", lr=opt.lr, weight_decay=opt.weight_decay,
-                       warmup_ratio=opt.warmup_ratio, metric_prefix="sft")
-    steps = optimiser_steps(run, opt, data.batches_per_epoch())
+                       warmup_ratio=opt.warmup_ratio, metric_prefix="sft", packing=g.packing)
+    steps = optimiser_steps(run, opt, data.batches_per_epoch(opt.max_epochs or 1))
     trainer = make_trainer(run, "sft", steps)
     before = trainer.validate(module, datamodule=data, verbose=False)[0]["sft/val/loss"]
     fit(trainer, module, "sft", datamodule=data, ckpt_path=resume_checkpoint(run, "sft"))
@@ -481,6 +583,13 @@ def stage_align(run: Run) -> Dict[str, Any]:
                                            for s in ("train", "eval"))
     else:
         pairs, thumbs, stats = round_feedback(run, model, tokenizer)  # rlmf.feedback.machine
+        if run.cfg.feedback.drop_desirable > 0:
+            from rlmf.feedback.ranking import drop_desirable
+
+            pairs, thumbs, dropped = drop_desirable(pairs, thumbs, run.cfg.feedback.drop_desirable,
+                                                    random.Random(run.seed(8)))
+            stats = {**stats, "align/dropped_desirable": dropped}
+        stats = {**stats, "align/kept_pairs": len(pairs), "align/kept_thumbs": len(thumbs)}
         features, drops = tokenize(pairs, thumbs)
         n_val = max(1, len(features) // 10)
         train, validation = features[n_val:], features[:n_val]
@@ -491,7 +600,7 @@ def stage_align(run: Run) -> Dict[str, Any]:
         with main_process_first(), run.placement.inference():  # rank 0 fills the cache, the others read it
             cache, hit = attach_precomputed(
                 model, start, splits, "paired" if data_format == "paired_online" else data_format,
-                tokenizer.pad_token_id, a.reference_cache_dir, placement=run.placement)
+                tokenizer.pad_token_id, a.reference_cache_dir, placement=run.placement, packing=g.packing)
         stats["align/reference_cache_hit"] = float(hit)
     policy, reference = prepare_reference(reference_mode, model, a.lora_rank, data_format)
     opt = a.optim
@@ -500,11 +609,11 @@ def stage_align(run: Run) -> Dict[str, Any]:
                        reference=reference, reference_mode=reference_mode, online_samples=a.online_samples,
                        max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                        stop_token_ids=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       metric_prefix="align")
+                       metric_prefix="align", packing=g.packing)
     data = AlignmentDataModule(splits["train"], splits["validation"], data_format, tokenizer.pad_token_id,
                                g.max_length, opt.batch_size, seed=run.cfg.seed,
-                               num_workers=run.cfg.trainer.num_workers)
-    steps = optimiser_steps(run, opt, data.batches_per_epoch())
+                               num_workers=run.cfg.trainer.num_workers, max_tokens=opt.max_tokens)
+    steps = optimiser_steps(run, opt, data.batches_per_epoch(opt.max_epochs or 1))
     trainer = make_trainer(run, "align", steps)
     fit(trainer, module, "align", datamodule=data, ckpt_path=resume_checkpoint(run, "align"))
     metrics = {**stats, **drops.as_dict("align/data/"), "align/steps": steps,
@@ -555,7 +664,8 @@ def align_online(run: Run, model, tokenizer) -> Dict[str, Any]:
         drop_uniform_groups=o.drop_uniform_groups, lr=opt.lr, weight_decay=opt.weight_decay,
         warmup_ratio=opt.warmup_ratio, gradient_clip_val=run.cfg.trainer.gradient_clip_val,
         stop_token_ids=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id, metric_prefix="align",
-        monitor=gold_monitor if run.task.has_gold else None, log_completions_every=o.log_completions_every)
+        monitor=gold_monitor if run.task.has_gold else None, log_completions_every=o.log_completions_every,
+        packing=g.packing)
     completions = min(opt.batch_size, len(rows)) * o.num_generations  # every batch is whole (drop_last)
     updates = o.num_iterations * math.ceil(completions / (o.minibatch_size or completions))  # per rollout
     data = RowsDataModule(rows, [], OnlinePromptCollator(tokenizer.pad_token_id), opt.batch_size, seed=run.cfg.seed,
@@ -577,9 +687,23 @@ def align_online(run: Run, model, tokenizer) -> Dict[str, Any]:
     return metrics
 
 
+def standard_error(groups: List[List[float]]) -> float:
+    """The standard error of the mean of a metric measured on ``groups`` (a prompt's samples each): the sample
+    standard deviation of the prompts' means over sqrt(number of prompts). Samples of one prompt are not independent
+    draws of the evaluation (they share the prompt), so the prompt is the unit; NaN with fewer than two prompts."""
+    means = [sum(g) / len(g) for g in groups]
+    if len(means) < 2:
+        return float("nan")
+    mean = sum(means) / len(means)
+    return math.sqrt(sum((m - mean) ** 2 for m in means) / (len(means) - 1) / len(means))
+
+
 def evaluate_generator(run: Run, name: str, path: str | Path, prompts: List[Any], discriminator, reference
                        ) -> Tuple[Dict[str, float], List[str]]:
     """One generator's metrics on ``prompts`` and one sampled completion per prompt.
+
+    ``gold/reply_rate_se/<name>`` (and ``_greedy_se``) is the standard error of the gold reply rate over the held-out
+    prompts (:func:`standard_error`): the evaluation's own noise, against which differences between arms are read.
 
     ``kl/<name>`` estimates KL(policy || reference) on the policy's own samples, both scored at the temperature
     the samples were drawn at (``generator.temperature``), i.e. the KL between the distributions sampled.
@@ -601,18 +725,42 @@ def evaluate_generator(run: Run, name: str, path: str | Path, prompts: List[Any]
                               max_prompt_length=g.max_prompt_length)
         rates = gold_reply_rates(run, sampled_prompts, sampled)
         metrics[f"gold/reply_rate/{name}"] = sum(rates) / len(rates)
+        metrics[f"gold/reply_rate_se/{name}"] = standard_error([rates[i:i + k] for i in range(0, len(rates), k)])
         greedy_rates = gold_reply_rates(run, texts, greedy)
         metrics[f"gold/reply_rate_greedy/{name}"] = sum(greedy_rates) / len(greedy_rates)
+        metrics[f"gold/reply_rate_greedy_se/{name}"] = standard_error([[r] for r in greedy_rates])
     if discriminator is not None:
         metrics[f"discriminator/reward/{name}"] = float(score(run, discriminator, sampled_prompts, sampled).mean())
     if reference is not None and name != "initial":
         features = [{"prompt_ids": p, "completion_ids": c, "desirable": True} for p, c in ids if c]
         collate = FeedbackCollator(tokenizer.pad_token_id)
         with run.placement.inference():
-            policy_logps, reference_logps = (batched_completion_logps(m, features, collate, temperature=g.temperature)
-                                             for m in (model, reference))
+            policy_logps, reference_logps = (
+                batched_completion_logps(m, features, collate, temperature=g.temperature, packing=g.packing)
+                for m in (model, reference))
         metrics[f"kl/{name}"] = float((policy_logps - reference_logps).mean())
     return metrics, sampled[::k]
+
+
+def best_of_n(run: Run, path: str | Path, prompts: List[Any], discriminator, ns: List[int]) -> Dict[str, float]:
+    """Best-of-n sampling from the generator at ``path`` on held-out ``prompts`` (Gao et al. 2023, "Scaling Laws for
+    Reward Model Overoptimization"): max(ns) samples per prompt, and for each n the first n of a prompt's samples
+    with the highest discriminator reward is its pick. ``bon/gold/<n>``: the picks' mean gold reply rate;
+    ``bon/proxy/<n>``: their mean discriminator reward; ``bon/kl/<n>``: the analytic KL of best-of-n to the
+    sampling policy, log n - (n - 1) / n (Stiennon et al. 2020), in nats per sample like ``kl/<generator>``."""
+    n_max = max(ns)
+    model, tokenizer = run.load_generator(path)
+    sampled = sample(run, model, tokenizer, prompts, n_max, seed=run.cfg.seed + 9, what="best-of-n samples")
+    repeated = [p.prompt for p in prompts for _ in range(n_max)]
+    proxy = score(run, discriminator, repeated, sampled).float().view(len(prompts), n_max).cpu()
+    gold = torch.tensor(gold_reply_rates(run, repeated, sampled)).view(len(prompts), n_max)
+    metrics = {}
+    for n in ns:
+        picks = proxy[:, :n].argmax(dim=1, keepdim=True)
+        metrics[f"bon/gold/{n}"] = float(gold.gather(1, picks).mean())
+        metrics[f"bon/proxy/{n}"] = float(proxy.gather(1, picks).mean())
+        metrics[f"bon/kl/{n}"] = math.log(n) - (n - 1) / n
+    return metrics
 
 
 def stage_evaluate(run: Run) -> Dict[str, Any]:
@@ -635,8 +783,9 @@ def stage_evaluate(run: Run) -> Dict[str, Any]:
     start = checkpoints.get("sft", checkpoints.get("initial"))
     reference = run.load_generator(start)[0] if start is not None else None
     g = run.cfg.generator
-    settings = json.dumps([[p.to_row() for p in prompts], run.task.setting("eval_samples_per_prompt", 1),
-                           g.max_new_tokens, g.temperature, g.max_prompt_length, run.cfg.seed, run.task.name,
+    settings = json.dumps(["metrics-v2", [p.to_row() for p in prompts],
+                           run.task.setting("eval_samples_per_prompt", 1), g.max_new_tokens, g.temperature,
+                           g.max_prompt_length, run.cfg.seed, run.task.name,
                            str(discriminator_dir and discriminator_dir.resolve()),
                            start is not None and model_fingerprint(start), str(run.placement)])
     metrics: Dict[str, Any] = {}
@@ -652,6 +801,13 @@ def stage_evaluate(run: Run) -> Dict[str, Any]:
             result, samples[name] = evaluate_generator(run, name, path, prompts, discriminator, reference)
             write_atomic(cache, json.dumps([result, samples[name]]))
         metrics.update(result)
+    if run.cfg.evaluate.best_of_n and "sft" in checkpoints and discriminator is not None and run.task.has_gold:
+        ns = sorted(set(run.cfg.evaluate.best_of_n))
+        key = hashlib.sha256((settings + json.dumps(ns) + model_fingerprint(checkpoints["sft"])).encode()).hexdigest()
+        cache = Path(checkpoints["sft"]).parent / f"eval-best_of_n-{key[:16]}.json"  # shared like the SFT's own
+        if not cache.exists():
+            write_atomic(cache, json.dumps(best_of_n(run, checkpoints["sft"], prompts, discriminator, ns)))
+        metrics.update(json.loads(cache.read_text()))
     out.mkdir(parents=True, exist_ok=True)
     texts = [p.prompt for p in prompts]
     write_atomic(out / "samples.json", json.dumps({"prompts": texts, "samples": samples}, indent=2))
@@ -707,6 +863,20 @@ def _run_stage(run: Run, stage: str) -> Dict[str, Any]:
         log.info("stage feedback: skipped, task=%s brings its own preference data", run.task.name)
         return {}
     where = f"stage {stage}" + (f" (round {run.round})" if run.round > 1 else "")
+    shared = run.shared_stage_dir(stage)
+    if shared is None:
+        return _run_stage_unshared(run, stage, where)
+    # One job of the sweep computes a shared stage (config.validate keeps stage.cache_dir to one process per job);
+    # a job with the same inputs waits here, then reuses it.
+    with stage_lock(shared):
+        if not (shared / "inputs.json").exists():
+            write_atomic(shared / "inputs.json", json.dumps(stage_inputs(run.cfg, stage), indent=2, default=str))
+        metrics = _run_stage_unshared(run, stage, where)
+    link_shared_stage(run, stage, shared)
+    return metrics
+
+
+def _run_stage_unshared(run: Run, stage: str, where: str) -> Dict[str, Any]:
     finished = run.finished_dir(stage) if stage != "evaluate" else None
     if finished is not None:
         log.info("%s already finished in %s; reusing it", where, finished)

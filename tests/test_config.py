@@ -77,6 +77,12 @@ def test_semantic_errors_name_the_key_and_the_choices(compose, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ConfigError, match=r"logprob_backend=triton needs a CUDA device"):
         validate(compose("generator.logprob_backend=triton", "trainer.accelerator=cpu"))
+    with pytest.raises(ConfigError, match=r"generator.packing='packed'.*none.*padding_free.*shared_prompt"):
+        validate(compose("generator.packing=packed"))
+    with pytest.raises(ConfigError, match=r"algo.optim.max_tokens=0 must be at least 1"):
+        validate(compose("algo.optim.max_tokens=0"))
+    with pytest.raises(ConfigError, match=r"algo.optim.max_tokens=512: grpo batches prompts"):
+        validate(compose("algo=grpo", "algo.optim.max_tokens=512"))
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo", "online_dpo"])

@@ -103,9 +103,9 @@ def test_evaluation_kl_is_scored_at_the_sampling_temperature(compose, tmp_path, 
     seen = []
     original = rlmf.logprobs.batched_completion_logps
 
-    def spy(model, features, collate, batch_size=32, temperature=1.0, prefix=""):
+    def spy(model, features, collate, batch_size=32, temperature=1.0, prefix="", **layout):
         seen.append(temperature)
-        return original(model, features, collate, batch_size, temperature, prefix)
+        return original(model, features, collate, batch_size, temperature, prefix, **layout)
 
     monkeypatch.setattr(rlmf.logprobs, "batched_completion_logps", spy)
     summary = run_job(compose("experiment=quick", "stage.stages=[evaluate]", "generator.temperature=0.7"),

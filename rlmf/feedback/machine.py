@@ -10,6 +10,7 @@ and for a resumed run. ``run`` is the pipeline's :class:`rlmf.pipeline.Run`; sam
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Dict, List, Tuple
 
@@ -28,6 +29,8 @@ def machine_feedback(run, model, tokenizer, reward) -> Tuple[list, list, Dict[st
     from rlmf.feedback.ranking import best_worst_feedback
     from rlmf.pipeline import gold_reply_rates, sample
 
+    if run.cfg.feedback.pairs == "ab":
+        return recipients_feedback(run)
     k = run.task.setting("align_samples_per_prompt", 4)
     prompt_rows = run.task.train_prompts()
     prompts = [p.prompt for p in prompt_rows]
@@ -35,7 +38,8 @@ def machine_feedback(run, model, tokenizer, reward) -> Tuple[list, list, Dict[st
     if run.cfg.feedback.pairs == "clair":
         return clair_feedback(run, model, tokenizer, reward, prompts, emails[::k])
     scored = reward.score_with_validity([p for p in prompts for _ in range(k)], emails)
-    pairs, thumbs = best_worst_feedback(prompts, emails, scored.scores, scored.valid, k)
+    pairs, thumbs = best_worst_feedback(prompts, emails, scored.scores, scored.valid, k,
+                                        chosen_rank=run.cfg.feedback.chosen_rank)
     stats = {"align/pairs": len(pairs), "align/unscored_samples": int((~scored.valid).sum()),
              **{f"align/{name}": float(value) for name, value in scored.metrics.items()}}
     if not run.task.has_gold:
@@ -47,6 +51,18 @@ def machine_feedback(run, model, tokenizer, reward) -> Tuple[list, list, Dict[st
                   "align/chosen_gold_reply_rate": sum(chosen_gold) / max(1, len(chosen_gold)),
                   "align/rejected_gold_reply_rate": sum(rejected_gold) / max(1, len(rejected_gold))})
     return pairs, thumbs, stats
+
+
+def recipients_feedback(run) -> Tuple[list, list, Dict[str, float]]:
+    """``feedback.pairs=ab``: the feedback stage's own A/B pairs and thumbs (the simulated recipients' replies to the
+    SFT model's completions, :func:`rlmf.feedback.ab.ab_feedback`), with no reward model in between: DPO directly on
+    the feedback, the third recipe of the RLHF / RLAIF / DPO comparison."""
+    from rlmf.data import load_feedback, load_pairs
+
+    feedback = run.require("feedback")
+    pairs = load_pairs(feedback / "pairs.jsonl")[0]
+    thumbs = load_feedback(feedback / "thumbs.jsonl")[0]
+    return pairs, thumbs, {"align/pairs": len(pairs)}
 
 
 def clair_feedback(run, model, tokenizer, reward, prompts: List[str], originals: List[str]
@@ -98,12 +114,18 @@ def clair_feedback(run, model, tokenizer, reward, prompts: List[str], originals:
 
 def round_feedback(run, model, tokenizer) -> Tuple[list, list, Dict[str, float]]:
     """This round's machine feedback, made once: rank 0 samples and ranks (:func:`machine_feedback`) and writes
-    ``align/pairs.jsonl``, ``thumbs.jsonl`` and ``feedback.json``; the other ranks, and a resumed run, read them."""
-    from rlmf.data import load_feedback, load_pairs, write_jsonl
+    ``align/pairs.jsonl``, ``thumbs.jsonl`` and ``feedback.json``; the other ranks, and a resumed run, read them.
 
-    out = run.stage_dir("align")
+    With ``stage.cache_dir`` the jobs of a sweep that would make the same round (same seed, SFT model, reward, task
+    sizes and pair construction; :func:`rlmf.pipeline.stage_key`) share it: one makes it under a lock, the others
+    read it (``<cache_dir>/align_feedback-<key>/``)."""
+    from rlmf.data import load_feedback, load_pairs, write_jsonl
+    from rlmf.pipeline import stage_lock
+
+    shared = run.shared_feedback_dir()
+    out = shared if shared is not None else run.stage_dir("align")
     stats_file = out / "feedback.json"
-    with main_process_first() as main:
+    with main_process_first() as main, (stage_lock(out) if shared is not None else contextlib.nullcontext()):
         if main and not stats_file.exists():
             reward = run.load_reward()
             pairs, thumbs, stats = machine_feedback(run, model, tokenizer, reward)

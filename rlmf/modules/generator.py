@@ -10,6 +10,10 @@ its argument names which tensors it is given.
 Reference log-probs come from, in order: the batch (``reference_logps``, precomputed and cached on disk), the
 policy with its LoRA adapter disabled (``reference_mode="lora"``), or a frozen copy of the starting policy.
 
+The decoder runs on the layout ``packing`` names (:mod:`rlmf.packing`; ``generator.packing``): with
+``shared_prompt`` a pair's chosen and rejected rows, HyPO's samples of a prompt and a KTO row with its mismatched row
+encode their prompt once, and no padding is computed. The numbers are those of the padded rows.
+
 Batches (from ``rlmf.data``): ``paired`` and ``paired_online`` read ``[2B, T]`` chosen-then-rejected rows;
 ``paired_online`` also reads left-padded ``online_prompt_ids``/``online_prompt_mask`` and samples ``online_samples``
 completions per prompt from the current policy; ``unpaired`` reads ``[B, T]`` rows with ``desirable`` and, for KTO,
