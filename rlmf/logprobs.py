@@ -250,10 +250,11 @@ def _labelled_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
 
 
 def _packed_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                   mask: torch.Tensor, groups: Optional[torch.Tensor]) -> torch.Tensor:
+                   mask: torch.Tensor, groups: Optional[torch.Tensor], capacity: Optional[int] = None
+                   ) -> torch.Tensor:
     """The hidden states ``[N, H]`` that predict the labels where ``mask`` (``[B, L-1]``), computed on the packed
     layout of the padded rows (:func:`rlmf.packing.pack`)."""
-    packed = pack(input_ids, attention_mask, labels, groups)
+    packed = pack(input_ids, attention_mask, labels, groups, capacity)
     hidden = decoder_of(model)(input_ids=packed.input_ids, attention_mask=packed_attention_mask(model, packed),
                                position_ids=packed.position_ids, use_cache=False).last_hidden_state  # [R, C, H]
     sources = packed.index[:, :-1][mask]
@@ -366,8 +367,9 @@ def check_packing_matches_padded(model: nn.Module, atol: Optional[float] = None,
         shifted = labels[:, 1:]
         mask = shifted != IGNORE_INDEX
         padded = head_logprobs(model, _padded_hidden(model, input_ids, attention_mask)[:, :-1][mask], shifted[mask])
-        packed = head_logprobs(model, _packed_hidden(model, input_ids, attention_mask, labels, mask, groups),
-                               shifted[mask])
+        # One packed row holds everything: a shared prompt, siblings and another group side by side.
+        packed = head_logprobs(model, _packed_hidden(model, input_ids, attention_mask, labels, mask, groups,
+                                                     capacity=3 * length), shifted[mask])
     finally:
         model.train(was_training)
     worst = float((padded.float() - packed.float()).abs().max())

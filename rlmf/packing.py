@@ -99,6 +99,25 @@ def _units(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.
     return units
 
 
+def _fit(units: List[_Unit], capacity: int) -> List[_Unit]:
+    """Units no larger than ``capacity``: a group whose prompt and completions do not fit in one is split into
+    several, each with its own copy of the prompt and as many of the completions as fit (a single row always fits:
+    ``capacity`` is at least the padded width)."""
+    fitted: List[_Unit] = []
+    for unit in units:
+        if unit.size <= capacity:
+            fitted.append(unit)
+            continue
+        part = _Unit(unit.prompt, [])
+        for row in unit.rows:
+            if part.rows and part.size + len(row[3]) > capacity:
+                fitted.append(part)
+                part = _Unit(unit.prompt, [])
+            part.rows.append(row)
+        fitted.append(part)
+    return fitted
+
+
 def _first_fit_decreasing(sizes: List[int], capacity: int) -> List[List[int]]:
     """Unit indices per packed row, each row's sizes summing to at most ``capacity`` (largest units first)."""
     rows: List[List[int]] = []
@@ -122,7 +141,11 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Te
     Args:
         groups: ``[B]`` ints; rows with equal ``groups`` and identical prompt tokens share one copy of the prompt.
             None: no sharing (padding-free packing only).
-        capacity: tokens per packed row; None or smaller than the largest group: the largest group's size.
+        capacity: tokens per packed row. None: the largest group, but at least the padded width ``L`` and at most
+            ``2 L``, which holds any pair (prompt, chosen and rejected each fit in ``L``). A group larger than the
+            capacity (an online prompt's many completions) is split, each part with its own copy of the prompt:
+            attention under a dense mask is quadratic in a packed row's length, so rows are kept near the padded
+            width while the linear layers see fewer tokens.
 
     Returns:
         :class:`PackedRows` on ``input_ids``' device.
@@ -130,8 +153,12 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Te
     device = input_ids.device
     ids, mask, labs = input_ids.cpu(), attention_mask.cpu(), labels.cpu()
     units = _units(ids, mask, labs, groups.tolist() if groups is not None else None)
+    padded_width = max(ids.shape[1], 1)
+    if capacity is None:
+        capacity = min(max((u.size for u in units), default=1), 2 * padded_width)
+    width = max(capacity, padded_width)
+    units = _fit(units, width)
     sizes = [u.size for u in units]
-    width = max([capacity or 0, *sizes, 1])
     layout = _first_fit_decreasing(sizes, width)
     n_rows = len(layout)
 

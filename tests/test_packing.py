@@ -26,7 +26,7 @@ def test_a_pair_shares_its_prompt_and_each_completion_sees_only_itself():
     input_ids = torch.tensor([[11, 12, 13, 21, 22], [11, 12, 13, 31, 0]])
     attention_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
     labels = torch.tensor([[-100, -100, -100, 21, 22], [-100, -100, -100, 31, -100]])
-    packed = pack(input_ids, attention_mask, labels, groups=torch.tensor([0, 0]))
+    packed = pack(input_ids, attention_mask, labels, groups=torch.tensor([0, 0]), capacity=6)
     assert packed.input_ids.tolist() == [[11, 12, 13, 21, 22, 31]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 3]]  # the rejected completion restarts after the prompt
     assert packed.shared_tokens == 3
@@ -35,6 +35,21 @@ def test_a_pair_shares_its_prompt_and_each_completion_sees_only_itself():
     assert allowed[4].tolist() == [True, True, True, True, True, False]
     assert not allowed.triu(1).any()  # causal
     assert packed.index.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 5, -1]]
+
+
+def test_a_group_longer_than_a_packed_row_is_split_with_a_copy_of_its_prompt():
+    """A packed row is no longer than its capacity (by default at most twice the padded width: attention under a
+    dense mask is quadratic in it): a prompt with completions that do not fit together is split, each part keeping
+    the prompt."""
+    input_ids = torch.tensor([[11, 12, 21, 22], [11, 12, 31, 32], [11, 12, 41, 0]])
+    attention_mask = (input_ids != 0).long()
+    labels = torch.where(torch.arange(4) >= 2, input_ids, torch.tensor(-100)).masked_fill(attention_mask == 0, -100)
+    assert pack(input_ids, attention_mask, labels, groups=torch.tensor([0, 0, 0])).input_ids.shape[1] == 7  # the whole group: 7 <= 2 x 4
+    packed = pack(input_ids, attention_mask, labels, groups=torch.tensor([0, 0, 0]), capacity=6)
+    assert sorted(packed.input_ids.tolist()) == [[11, 12, 21, 22, 31, 32], [11, 12, 41, 0, 0, 0]]
+    assert packed.shared_tokens == 2
+    flat = packed.input_ids.flatten()
+    assert torch.equal(flat[packed.index.clamp(min=0)] * attention_mask, input_ids)
 
 
 def test_rows_of_a_group_with_different_prompts_are_packed_apart_and_padding_is_dropped():
@@ -68,12 +83,13 @@ def test_paired_batches_group_chosen_with_rejected_and_rows_of_other_widths_stac
 
 def pair_rows(tokenizer, side):
     """``[2 * len(TEXTS), L]`` paired rows: chosen rows (each text's completion), then rejected rows (the next text's
-    completion after the same prompt); padded on ``side``."""
+    completion after the same prompt); padded on ``side`` to twice the longest row, so that a packed row (as long as
+    the padded ones) holds a prompt with both its completions."""
     prompts = [tokenizer(p)["input_ids"] for p, _ in TEXTS]
     completions = [tokenizer(c)["input_ids"] + [tokenizer.eos_token_id] for _, c in TEXTS]
     rows = [(p, c) for p, c in zip(prompts, completions)]
     rows += [(p, completions[(i + 1) % len(completions)]) for i, p in enumerate(prompts)]
-    width = max(len(p) + len(c) for p, c in rows)
+    width = 2 * max(len(p) + len(c) for p, c in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
     labels = torch.full((len(rows), width), -100)
@@ -97,6 +113,7 @@ def test_packed_logps_and_gradients_equal_padded_for_every_architecture(tiny_che
     assert packing_problem(model) is None
     for side in ("right", "left"):
         *rows, groups = pair_rows(tokenizer, side)
+        assert pack(*rows, groups).shared_tokens > 0  # the prompts are shared
         padded, mask = completion_token_logps(model, *rows)
         for packing in ("padding_free", "shared_prompt"):
             packed, packed_mask = completion_token_logps(model, *rows, packing=packing, groups=groups)
