@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from process_stats import cpu_seconds, peak_rss, reset_peak_rss
+from process_stats import cpu_seconds, meminfo, peak_rss, reset_peak_rss
 
 GRID_N = (2048, 8192)
 GRID_H = (256, 2048)
@@ -206,15 +206,7 @@ def _available_bytes(device: str) -> int:
 
         free, _ = torch.cuda.mem_get_info()
         return free
-    return _proc_meminfo("MemAvailable")
-
-
-def _proc_meminfo(key: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 1 << 62
+    return meminfo("MemAvailable")
 
 
 def _measure(spec: dict, timeout: float) -> dict:

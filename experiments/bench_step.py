@@ -81,7 +81,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from process_stats import StepTimer, lightning_step_timer, transformers_step_timer
+from process_stats import StepTimer, lightning_step_timer, meminfo, transformers_step_timer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("eager", "ours_padded", "ours", "trl")
@@ -294,14 +294,6 @@ def build_data(directory: Path, args) -> dict:
 # ------------------------------------------------------------------------------------------ memory and CPU time
 
 
-
-
-def _proc_meminfo(key: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 1 << 62
 
 
 class StepLog(StepTimer):
@@ -655,7 +647,7 @@ def main(argv=None):
                    "batch_size": args.batch_size, "max_length": args.max_length, "steps": args.steps,
                    "warmup": args.warmup, "threads": threads}
             need = _eager_bytes(args, info["params"], max(info["widths"])) if impl == "eager" else 0
-            if need > 0.8 * _proc_meminfo("MemAvailable"):
+            if need > 0.8 * meminfo("MemAvailable"):
                 row["note"] = f"skipped: needs ~{need / 2**30:.1f} GiB"
                 print(f"  {impl}: {row['note']}", flush=True)
                 rows.append(row)

@@ -30,13 +30,26 @@ def peak_rss() -> int:
     return proc_status("VmHWM")
 
 
-def proc_status(key: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...), in bytes."""
-    with open("/proc/self/status") as f:
+def _kilobyte_field(path: str, key: str) -> Optional[int]:
+    with open(path) as f:
         for line in f:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
+    return None
+
+
+def proc_status(key: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...), in bytes."""
+    value = _kilobyte_field("/proc/self/status", key)
+    if value is None:
+        raise RuntimeError(f"{key} not in /proc/self/status")
+    return value
+
+
+def meminfo(key: str) -> int:
+    """A ``kB`` field of ``/proc/meminfo`` (``MemAvailable``, ...), in bytes; unbounded where there is none."""
+    value = _kilobyte_field("/proc/meminfo", key)
+    return value if value is not None else 1 << 62
 
 
 class StepTimer:

@@ -195,8 +195,14 @@ def padded_batch(tokenizer, side: str, device=None):
     """``(input_ids, attention_mask, labels)`` ``[3, L]`` of :data:`TEXTS`, padded on ``side`` ("right" or
     "left"); labels cover the completions (eos included) only."""
     rows = [(tokenizer(p)["input_ids"], tokenizer(c)["input_ids"] + [tokenizer.eos_token_id]) for p, c in TEXTS]
-    width = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    return padded_rows(rows, tokenizer.pad_token_id, side, device=device)
+
+
+def padded_rows(rows, pad_token_id: int, side: str, width=None, device=None):
+    """``(input_ids, attention_mask, labels)`` ``[len(rows), width]`` of ``(prompt_ids, completion_ids)`` rows,
+    padded on ``side`` to ``width`` (default: the longest row); labels cover the completions only."""
+    width = width or max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id)
     attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
     labels = torch.full((len(rows), width), -100)
     for i, (prompt, completion) in enumerate(rows):

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from checkpoints import ARCHITECTURES, TEXTS
+from checkpoints import ARCHITECTURES, TEXTS, padded_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlmf import logprobs as lp
@@ -83,23 +83,12 @@ def test_paired_batches_group_chosen_with_rejected_and_rows_of_other_widths_stac
 
 def pair_rows(tokenizer, side):
     """``[2 * len(TEXTS), L]`` paired rows: chosen rows (each text's completion), then rejected rows (the next text's
-    completion after the same prompt); padded on ``side`` to twice the longest row, so that a packed row (as long as
-    the padded ones) holds a prompt with both its completions."""
+    completion after the same prompt); padded on ``side``; and the groups (a pair's two rows share one)."""
     prompts = [tokenizer(p)["input_ids"] for p, _ in TEXTS]
     completions = [tokenizer(c)["input_ids"] + [tokenizer.eos_token_id] for _, c in TEXTS]
     rows = [(p, c) for p, c in zip(prompts, completions)]
     rows += [(p, completions[(i + 1) % len(completions)]) for i, p in enumerate(prompts)]
-    width = 2 * max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100)
-    for i, (p, c) in enumerate(rows):
-        n = len(p) + len(c)
-        at = slice(0, n) if side == "right" else slice(width - n, width)
-        input_ids[i, at] = torch.tensor(p + c)
-        attention_mask[i, at] = 1
-        labels[i, at] = torch.tensor([-100] * len(p) + c)
-    return input_ids, attention_mask, labels, torch.arange(len(TEXTS)).repeat(2)
+    return (*padded_rows(rows, tokenizer.pad_token_id, side), torch.arange(len(TEXTS)).repeat(2))
 
 
 def load(directory, implementation):
