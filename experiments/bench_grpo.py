@@ -53,13 +53,11 @@ import csv
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from process_stats import StepTimer, lightning_step_timer, transformers_step_timer
+from process_stats import StepTimer, lightning_step_timer, run_worker, transformers_step_timer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("ours_padded", "ours", "trl")
@@ -260,18 +258,7 @@ def _build_checkpoint(directory: Path, args) -> dict:
 
 
 def _measure(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout:.0f}s"}
-    wall = time.perf_counter() - start
-    results = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if proc.returncode != 0 or not results:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-        return {"error": tail[0][:300], "stderr_tail": (proc.stderr or "")[-3000:]}
-    return {**json.loads(results[-1][len(RESULT_MARK):]), "process_wall_s": wall}
+    return run_worker(os.path.abspath(__file__), spec, RESULT_MARK, timeout)
 
 
 def _print_table(rows, title):

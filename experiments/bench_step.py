@@ -75,13 +75,11 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from process_stats import StepTimer, lightning_step_timer, meminfo, transformers_step_timer
+from process_stats import StepTimer, lightning_step_timer, meminfo, run_worker, transformers_step_timer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("eager", "ours_padded", "ours", "trl")
@@ -494,18 +492,7 @@ def _run_trl(spec: dict, log: StepLog) -> dict:
 
 
 def _measure(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout:.0f}s"}
-    wall = time.perf_counter() - start
-    results = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if proc.returncode != 0 or not results:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-        return {"error": tail[0][:300], "stderr_tail": (proc.stderr or "")[-3000:]}
-    return {**json.loads(results[-1][len(RESULT_MARK):]), "process_wall_s": wall}
+    return run_worker(os.path.abspath(__file__), spec, RESULT_MARK, timeout)
 
 
 def _eager_bytes(args, params: int, width: int) -> int:

@@ -7,7 +7,10 @@ folder (they run as ``python experiments/<script>.py``, which puts this folder o
 
 from __future__ import annotations
 
+import json
 import resource
+import subprocess
+import sys
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -124,3 +127,21 @@ def transformers_step_timer(timer: StepTimer, on_log: Callable[[Dict[str, float]
             timer.train_end()
 
     return Timer()
+
+
+def run_worker(script: str, spec: Dict[str, Any], result_mark: str, timeout: float) -> Dict[str, Any]:
+    """Run ``python <script> --worker <spec as JSON>`` in a fresh process and return the JSON it printed after
+    ``result_mark`` on its last such line, plus ``process_wall_s``; on a failure or timeout ``{"error": ...}`` (and
+    ``stderr_tail``). Each benchmarked implementation runs this way, so none inherits another's memory or threads."""
+    cmd = [sys.executable, script, "--worker", json.dumps(spec)]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f}s"}
+    wall = time.perf_counter() - start
+    results = [line for line in proc.stdout.splitlines() if line.startswith(result_mark)]
+    if proc.returncode != 0 or not results:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        return {"error": tail[0][:300], "stderr_tail": (proc.stderr or "")[-3000:]}
+    return {**json.loads(results[-1][len(result_mark):]), "process_wall_s": wall}
