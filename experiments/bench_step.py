@@ -1,4 +1,5 @@
-"""Benchmark one DPO training step on CPU: plain eager PyTorch, our Generator and TRL 1.16's DPOTrainer, side by side.
+"""Benchmark one DPO training step on CPU (or a GPU): plain eager PyTorch, our Generator and TRL 1.16's DPOTrainer,
+side by side.
 
 One step, on every side, is one optimiser step on ``--batch-size`` preference pairs (8 by default): the policy's
 summed completion log-probs of the chosen and rejected rows (one ``[2B, T]`` forward, chosen rows first, right-
@@ -65,6 +66,11 @@ which are never asserted) and written to ``experiments/results/bench_step_cpu_<s
     python experiments/bench_step.py --shape large --warmup 1 --steps 2     # 8 layers, hidden 1024, 128k vocabulary
     python experiments/bench_step.py --impls ours,eager --steps 10         # a subset
     python experiments/bench_step.py --threads 0               # torch's own thread count
+    python experiments/bench_step.py --device cuda --shape large --precision bf16-mixed --impls eager,ours_padded,ours
+
+On a GPU (``--device cuda``) every side runs there; each step mark waits for the GPU (``torch.cuda.synchronize``),
+and the memory compared is the peak of ``torch.cuda.max_memory_allocated`` over training. The CPU targets do not
+apply there. TRL is timed only where it is installed.
 """
 
 from __future__ import annotations
@@ -297,9 +303,15 @@ def build_data(directory: Path, args) -> dict:
 class StepLog(StepTimer):
     """What a worker records per step, and the peak memory of its training, whichever loop drives it."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, device: str = "cpu", profiler=None):
+        super().__init__(device)
         self.tokens = []
+        self.profiler = profiler  # a torch.profiler.profile on a schedule that skips the warm-up steps, or None
+
+    def step_end(self):
+        super().step_end()
+        if self.profiler is not None:
+            self.profiler.step()
 
     def summary(self, warmup: int) -> dict:
         if len(self.times) <= warmup:
@@ -320,6 +332,8 @@ class StepLog(StepTimer):
             "train_peak_mb": (self.peak_rss - self.base_rss) / 2**20,
             "all_step_times": [round(t, 4) for t in self.times],
             "all_step_tokens": self.tokens,
+            **({"peak_gpu_mb": self.peak_gpu / 2**20, "gpu_train_peak_mb": (self.peak_gpu - self.base_gpu) / 2**20}
+               if self.cuda else {}),
         }
 
 
@@ -332,12 +346,41 @@ def _worker(spec: dict) -> dict:
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    log = StepLog()
+    profiler = _profiler(spec) if spec.get("profile") else None
+    log = StepLog(spec["device"], profiler)
     run = {"eager": _run_eager, "ours_padded": _run_ours, "ours": _run_ours, "trl": _run_trl}[spec["impl"]]
+    if profiler is not None:
+        profiler.start()
     extra = run(spec, log)
+    if profiler is not None:
+        profiler.stop()
     out = log.summary(spec["warmup"])
     out.update(extra, threads=torch.get_num_threads())
     return out
+
+
+def _profiler(spec: dict):
+    """torch.profiler over the timed steps only (the warm-up steps, which compile and grow the allocator, are
+    skipped; the last warm-up step warms the profiler up)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if spec["device"] == "cuda" else [])
+    warmup = min(1, spec["warmup"])
+    return profile(activities=activities, on_trace_ready=lambda done: _write_profile(done, spec),
+                   schedule=schedule(wait=spec["warmup"] - warmup, warmup=warmup, active=spec["steps"], repeat=1))
+
+
+def _write_profile(profiler, spec: dict) -> None:
+    """``<profile dir>/<impl>.txt``: the operators by their own CPU time, and by their own GPU time on a GPU."""
+    averages = profiler.key_averages()
+    sorts = ["self_cpu_time_total"] + (["self_device_time_total"] if spec["device"] == "cuda" else [])
+    path = Path(spec["profile"]) / f"{spec['impl']}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"{spec['impl']}: {spec['steps']} timed steps after {spec['warmup']} warm-up, {spec['device']}, "
+                f"{spec['precision']}\n")
+        for key in sorts:
+            f.write(f"\nsorted by {key}\n{averages.table(sort_by=key, row_limit=30, max_name_column_width=70)}\n")
 
 
 def _ordered_features(spec: dict) -> list:
@@ -354,9 +397,12 @@ def _run_eager(spec: dict, log: StepLog) -> dict:
     from rlmf.reference import frozen_copy
 
     torch.manual_seed(spec["seed"])
+    device = torch.device(spec["device"])
     model, tokenizer = load_generator(spec["checkpoint"])
+    model.to(device)
     reference = frozen_copy(model)
     model.train()
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=spec["precision"] == "bf16-mixed")
     features = _ordered_features(spec)
     collate = PairCollator(tokenizer.pad_token_id)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -376,9 +422,11 @@ def _run_eager(spec: dict, log: StepLog) -> dict:
         batch = collate(features[step * b: (step + 1) * b])
         log.tokens.append(int(batch["attention_mask"].sum()))
         log.step_start()
-        policy = summed_logps(model, batch)
-        with torch.no_grad():
-            ref = summed_logps(reference, batch)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            policy = summed_logps(model, batch)
+            with torch.no_grad():
+                ref = summed_logps(reference, batch)
         margin = (policy[:b] - ref[:b]) - (policy[b:] - ref[b:])
         loss = -F.logsigmoid(beta * margin).mean()
         loss.backward()
@@ -423,8 +471,9 @@ def _run_ours(spec: dict, log: StepLog) -> dict:
     timer = lightning_step_timer(log, lambda trainer, batch: log.tokens.append(int(batch["attention_mask"].sum())))
 
     with tempfile.TemporaryDirectory() as root:
-        trainer = L.Trainer(max_steps=spec["warmup"] + spec["steps"], accelerator="cpu", devices=1,
-                            precision="32-true", gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+        trainer = L.Trainer(max_steps=spec["warmup"] + spec["steps"],
+                            accelerator="gpu" if spec["device"] == "cuda" else "cpu", devices=1,
+                            precision=spec["precision"], gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                             num_sanity_val_steps=0, log_every_n_steps=1, callbacks=[timer], default_root_dir=root,
                             use_distributed_sampler=False)
@@ -464,12 +513,13 @@ def _run_trl(spec: dict, log: StepLog) -> dict:
 
     with tempfile.TemporaryDirectory() as root:
         config = DPOConfig(
-            output_dir=root, use_cpu=True, seed=spec["seed"], max_steps=spec["warmup"] + spec["steps"],
+            output_dir=root, use_cpu=spec["device"] == "cpu", seed=spec["seed"], max_steps=spec["warmup"] + spec["steps"],
             per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
             max_length=spec["max_length"], truncation_mode="keep_start", pad_to_multiple_of=None,
             loss_type=["sigmoid"], beta=spec["beta"], precompute_ref_log_probs=False, disable_dropout=True,
             learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-            max_grad_norm=1.0, optim="adamw_torch", gradient_checkpointing=False, bf16=False, fp16=False,
+            max_grad_norm=1.0, optim="adamw_torch", gradient_checkpointing=False, bf16=spec["precision"] == "bf16-mixed",
+            fp16=False,
             model_init_kwargs={"dtype": torch.float32}, train_sampling_strategy="sequential",
             report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
         trainer = DPOTrainer(model=spec["checkpoint"], args=config, train_dataset=dataset,
@@ -502,45 +552,51 @@ def _eager_bytes(args, params: int, width: int) -> int:
 
 
 def _print_table(rows, title):
+    gpu = any("peak_gpu_mb" in r for r in rows)
     headers = ["implementation", "s/step (median)", "tokens/s", "peak RSS (MB)", "train peak above base (MB)",
-               "CPU s/step", "tokens/step", "note"]
+               *(["peak GPU (MB)"] if gpu else []), "CPU s/step", "tokens/step", "note"]
     print(f"\n{title}\n")
     print("| " + " | ".join(headers) + " |")
     print("|" + "|".join("---" for _ in headers) + "|")
     for r in rows:
         if "s_per_step" not in r:
-            cells = [LABELS[r["impl"]]] + ["n/a"] * 6 + [r.get("note", "")]
+            cells = [LABELS[r["impl"]]] + ["n/a"] * (len(headers) - 2) + [r.get("note", "")]
         else:
             cells = [LABELS[r["impl"]], f"{r['s_per_step']:.3f}", f"{r['tokens_per_s']:.0f}",
-                     f"{r['peak_rss_mb']:.0f}", f"{r['train_peak_mb']:.0f}", f"{r['cpu_s_per_step']:.2f}",
+                     f"{r['peak_rss_mb']:.0f}", f"{r['train_peak_mb']:.0f}",
+                     *([f"{r['peak_gpu_mb']:.0f}"] if gpu else []), f"{r['cpu_s_per_step']:.2f}",
                      f"{r['tokens_per_step']:.0f}", r.get("note", "")]
         print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
-def _ratio_lines(by: dict, shape: str, applies: bool) -> dict:
+def _ratio_lines(by: dict, shape: str, applies: bool, memory: str = "peak_rss_mb") -> dict:
+    """Throughput and peak-memory ratios of ours against each other side; ``memory``: the peak compared (the host's
+    ``peak_rss_mb``, or ``peak_gpu_mb`` on a GPU, where the host's RSS holds only libraries and staging)."""
     ratios = {}
+    train = "gpu_train_peak_mb" if memory == "peak_gpu_mb" else "train_peak_mb"
+    peak = "peak GPU memory" if memory == "peak_gpu_mb" else "peak RSS"
     ours = by.get("ours")
     if ours is None:
         return ratios
     if "ours_padded" in by:
         ratios["ours_vs_padded_throughput"] = ours["tokens_per_s"] / by["ours_padded"]["tokens_per_s"]
-        ratios["ours_over_padded_peak"] = ours["peak_rss_mb"] / by["ours_padded"]["peak_rss_mb"]
+        ratios["ours_over_padded_peak"] = ours[memory] / by["ours_padded"][memory]
     if "eager" in by:
         ratios["ours_vs_eager_throughput"] = ours["tokens_per_s"] / by["eager"]["tokens_per_s"]
-        ratios["ours_over_eager_peak"] = ours["peak_rss_mb"] / by["eager"]["peak_rss_mb"]
-        ratios["ours_over_eager_train_peak"] = ours["train_peak_mb"] / by["eager"]["train_peak_mb"]
+        ratios["ours_over_eager_peak"] = ours[memory] / by["eager"][memory]
+        ratios["ours_over_eager_train_peak"] = ours[train] / by["eager"][train]
     if "trl" in by:
         ratios["ours_vs_trl_throughput"] = ours["tokens_per_s"] / by["trl"]["tokens_per_s"]
-        ratios["ours_over_trl_peak"] = ours["peak_rss_mb"] / by["trl"]["peak_rss_mb"]
-        ratios["ours_over_trl_train_peak"] = ours["train_peak_mb"] / by["trl"]["train_peak_mb"]
+        ratios["ours_over_trl_peak"] = ours[memory] / by["trl"][memory]
+        ratios["ours_over_trl_train_peak"] = ours[train] / by["trl"][train]
     targets = TARGETS.get(shape, {})
     names = {
         "ours_vs_padded_throughput": ("ours tokens/s / ours-padded tokens/s", None),
-        "ours_over_padded_peak": ("ours peak RSS / ours-padded peak RSS", None),
+        "ours_over_padded_peak": (f"ours {peak} / ours-padded {peak}", None),
         "ours_vs_eager_throughput": ("ours tokens/s / eager tokens/s", None),
         "ours_vs_trl_throughput": ("ours tokens/s / TRL tokens/s", None),
-        "ours_over_trl_peak": ("ours peak RSS / TRL peak RSS", "ours_over_trl_train_peak"),
-        "ours_over_eager_peak": ("ours peak RSS / eager peak RSS", "ours_over_eager_train_peak"),
+        "ours_over_trl_peak": (f"ours {peak} / TRL {peak}", "ours_over_trl_train_peak"),
+        "ours_over_eager_peak": (f"ours {peak} / eager {peak}", "ours_over_eager_train_peak"),
     }
     where = f"the issue's {shape}-shape CPU target" if applies else f"{shape}-shape target, not this run's shape"
     print()
@@ -583,9 +639,17 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads in the workers (default 1; 0: torch's default, one per core)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: every side on the GPU, each step timed to its last kernel, peak GPU memory "
+                             "(torch.cuda.max_memory_allocated) beside the host's peak RSS")
+    parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true",
+                        help="Lightning's precision for ours; autocast to bfloat16 for eager, bf16=True for TRL")
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS),
                         help="eager, ours_padded, ours, trl (comma-separated)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per implementation")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also write torch.profiler tables of the timed steps to DIR/<impl>.txt (the profiler's "
+                             "own overhead is in those steps' times)")
     parser.add_argument("--out", default=None,
                         help="CSV path (default: results/bench_step_cpu_<shape>.csv, _quick with --quick)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -607,7 +671,21 @@ def main(argv=None):
 
     import torch
     import transformers
-    import trl
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    if args.precision == "bf16-mixed" and args.device == "cpu":
+        raise SystemExit("--precision bf16-mixed: CPU runs are timed in 32-true only")
+    try:
+        import trl
+
+        trl_version = trl.__version__
+    except ImportError:
+        if "trl" in impls:
+            raise SystemExit("--impls trl: TRL is not installed here (drop it from --impls)")
+        trl_version = "not installed"
+    applies = applies and args.device == "cpu"
+    where = "CPU" if args.device == "cpu" else torch.cuda.get_device_name(0)
 
     threads = args.threads or torch.get_num_threads()
     started = time.perf_counter()
@@ -615,8 +693,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         info = build_data(Path(tmp), args)
         means, longest = info["mean_lengths"], info["max_lengths"]
-        print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
-              f"threads={threads}; load {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} on {os.cpu_count()} CPUs")
+        print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}; "
+              f"{where}, {args.precision}; threads={threads}; load {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} on {os.cpu_count()} CPUs")
         print(f"model: Llama, hidden {args.hidden_size}, {args.layers} layers, {args.heads} heads, vocab "
               f"{args.vocab} (tokenizer {info['tokenizer_vocab']}), {info['params'] / 1e6:.1f}M parameters")
         print(f"data: {info['pairs']} HH-like pairs; mean tokens prompt {means['prompt']:.1f} / chosen "
@@ -632,8 +710,9 @@ def main(argv=None):
                    "layers": args.layers, "heads": args.heads, "vocab": args.vocab,
                    "tokenizer_vocab": info["tokenizer_vocab"], "params": info["params"],
                    "batch_size": args.batch_size, "max_length": args.max_length, "steps": args.steps,
-                   "warmup": args.warmup, "threads": threads}
-            need = _eager_bytes(args, info["params"], max(info["widths"])) if impl == "eager" else 0
+                   "warmup": args.warmup, "threads": threads, "device": args.device, "precision": args.precision}
+            need = _eager_bytes(args, info["params"], max(info["widths"])) \
+                if impl == "eager" and args.device == "cpu" else 0
             if need > 0.8 * meminfo("MemAvailable"):
                 row["note"] = f"skipped: needs ~{need / 2**30:.1f} GiB"
                 print(f"  {impl}: {row['note']}", flush=True)
@@ -642,7 +721,9 @@ def main(argv=None):
             spec = dict(impl=impl, checkpoint=str(Path(tmp) / "checkpoint"), data_file=info["data_file"],
                         order_file=str(Path(tmp) / "order.json"), batch_size=args.batch_size,
                         max_length=args.max_length, max_prompt_length=args.max_prompt_length, steps=args.steps,
-                        warmup=args.warmup, beta=args.beta, lr=args.lr, seed=args.seed, threads=args.threads)
+                        warmup=args.warmup, beta=args.beta, lr=args.lr, seed=args.seed, threads=args.threads,
+                        device=args.device, precision=args.precision,
+                        profile=str(Path(args.profile).resolve()) if args.profile else None)
             row.update(_measure(spec, args.timeout))
             if "error" in row:
                 row["note"] = row.pop("error")
@@ -655,17 +736,20 @@ def main(argv=None):
                     row["note"] += "; no reference model"
                 print(f"  {impl}: {row['s_per_step']:.3f} s/step (median of {row['steps_timed']}), "
                       f"{row['tokens_per_s']:.0f} tokens/s, peak RSS {row['peak_rss_mb']:.0f} MB "
-                      f"({row['train_peak_mb']:.0f} above base); process {row['process_wall_s']:.0f} s; "
+                      f"({row['train_peak_mb']:.0f} above base)"
+                      + (f", peak GPU {row['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in row else "")
+                      + f"; process {row['process_wall_s']:.0f} s; "
                       f"step times {row['all_step_times']}", flush=True)
             rows.append(row)
 
     shape_text = "quick (tiny)" if args.quick else args.shape + (" (custom)" if custom else "")
-    _print_table(rows, f"DPO step on CPU ({threads} thread{'s' if threads > 1 else ''}), shape {shape_text}: "
+    on = f"CPU ({threads} thread{'s' if threads > 1 else ''})" if args.device == "cpu" else f"{where}, {args.precision}"
+    _print_table(rows, f"DPO step on {on}, shape {shape_text}: "
                        f"{args.batch_size} pairs, max length {args.max_length}, {info['params'] / 1e6:.1f}M-parameter "
                        f"Llama ({args.layers} layers, hidden {args.hidden_size}, vocab {args.vocab}); median of "
                        f"{args.steps} steps after {args.warmup} warm-up")
     by = {r["impl"]: r for r in rows if "s_per_step" in r}
-    ratios = _ratio_lines(by, args.shape, applies)
+    ratios = _ratio_lines(by, args.shape, applies, "peak_gpu_mb" if args.device == "cuda" else "peak_rss_mb")
     if not applies:
         print(f"(the issue's targets are for the default {args.shape} shape; this run differs, so they are shown "
               "for reference only)")
@@ -674,13 +758,14 @@ def main(argv=None):
               "(first touch of the weights and optimiser state, allocator growth), so treat the times as an estimate)")
     if "ours" in by:
         by["ours"].update(ratios)
+    suffix = "" if args.precision == "32-true" else "_bf16"
     out = Path(args.out) if args.out else RESULTS / (
-        "bench_step_cpu_quick.csv" if args.quick else f"bench_step_cpu_{args.shape}.csv")
+        f"bench_step_{args.device}_quick{suffix}.csv" if args.quick else f"bench_step_{args.device}_{args.shape}{suffix}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     fields = ["impl", "shape", "hidden_size", "layers", "heads", "vocab", "tokenizer_vocab", "params", "batch_size",
               "max_length", "steps", "warmup", "threads", "steps_timed", "s_per_step", "s_per_step_min",
               "s_per_step_max", "cpu_s_per_step", "tokens_per_step", "tokens_per_s", "peak_rss_mb", "base_rss_mb",
-              "train_peak_mb", "ours_vs_padded_throughput", "ours_over_padded_peak", "ours_vs_eager_throughput", "ours_vs_trl_throughput", "ours_over_trl_peak",
+              "train_peak_mb", "peak_gpu_mb", "gpu_train_peak_mb", "device", "precision", "ours_vs_padded_throughput", "ours_over_padded_peak", "ours_vs_eager_throughput", "ours_vs_trl_throughput", "ours_over_trl_peak",
               "ours_over_trl_train_peak", "ours_over_eager_peak", "ours_over_eager_train_peak", "same_batches",
               "process_wall_s", "note"]
     with open(out, "w", newline="") as f:

@@ -1,4 +1,5 @@
-"""What the benchmark scripts measure of their own process on Linux: CPU time and the peak resident set.
+"""What the benchmark scripts measure of their own process on Linux: CPU time and the peak resident set (and, on a
+GPU, the peak of the memory torch allocated there).
 
 Peak memory is ``VmHWM`` from ``/proc/self/status``, reset to the current resident set by writing ``5`` to
 ``/proc/self/clear_refs``, so a measurement covers only what runs after the reset. Imported by the scripts in this
@@ -57,25 +58,50 @@ def meminfo(key: str) -> int:
 
 class StepTimer:
     """Wall and CPU time of each training step, and the peak RSS over training, whichever loop drives it: call
-    :meth:`train_start`, then :meth:`step_start` / :meth:`step_end` around each step, then :meth:`train_end`."""
+    :meth:`train_start`, then :meth:`step_start` / :meth:`step_end` around each step, then :meth:`train_end`.
 
-    def __init__(self):
+    With ``device="cuda"`` each mark first waits for the GPU (``torch.cuda.synchronize``), so a step's time covers its
+    kernels, and the peak of ``torch.cuda.max_memory_allocated`` over training is kept too (``peak_gpu``, bytes, and
+    ``base_gpu``, what was allocated when training started)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.cuda = device == "cuda"
         self.begin = self.cpu_begin = 0.0
         self.times, self.cpu_times = [], []
         self.base_rss = self.peak_rss = 0
+        self.base_gpu = self.peak_gpu = None
+
+    def _wait_for_gpu(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
 
     def train_start(self):
+        self._wait_for_gpu()
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+            self.base_gpu = torch.cuda.memory_allocated()
         self.base_rss = reset_peak_rss()
 
     def step_start(self):
+        self._wait_for_gpu()
         self.begin, self.cpu_begin = time.perf_counter(), cpu_seconds()
 
     def step_end(self):
+        self._wait_for_gpu()
         self.times.append(time.perf_counter() - self.begin)
         self.cpu_times.append(cpu_seconds() - self.cpu_begin)
 
     def train_end(self):
+        self._wait_for_gpu()
         self.peak_rss = peak_rss()
+        if self.cuda:
+            import torch
+
+            self.peak_gpu = torch.cuda.max_memory_allocated()
 
 
 def lightning_step_timer(timer: StepTimer, before_step: Optional[Callable[[Any, Any], None]] = None,

@@ -21,6 +21,7 @@ compares the result against ``log_softmax(model(...).logits)`` on a short probe 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from dataclasses import dataclass
@@ -218,12 +219,26 @@ def _materialised_logprobs(head: nn.Module, transform: LogitTransform, hidden: t
     return torch.cat(out)
 
 
+def varying_shape_attention(device: torch.device):
+    """The SDPA backends for forwards whose shapes change at every call (ours: a batch's padded width, a packed
+    row's length): flash, memory-efficient or math, not cuDNN. On CUDA (torch 2.11, H200, bf16) SDPA picked cuDNN
+    attention, which builds a graph for each new shape: 4-6 ms of CPU per attention call, about 0.1 s of every DPO
+    step of an 8-layer model (torch.profiler, ``experiments/bench_step.py --device cuda --profile``), against 2-3 ms
+    of GPU time for those kernels. A no-op off CUDA. The backward follows the kernel the forward picked."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def _padded_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The decoder's last hidden states of padded rows ``[B, L]``: ``[B, L, H]``."""
     # Positions follow the mask, so a left-padded prompt is scored exactly as generate() saw it.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).last_hidden_state
+    with varying_shape_attention(input_ids.device):
+        return decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state
 
 
 def _labelled_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -255,8 +270,9 @@ def _packed_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     """The hidden states ``[N, H]`` that predict the labels where ``mask`` (``[B, L-1]``), computed on the packed
     layout of the padded rows (:func:`rlmf.packing.pack`)."""
     packed = pack(input_ids, attention_mask, labels, groups, capacity)
-    hidden = decoder_of(model)(input_ids=packed.input_ids, attention_mask=packed_attention_mask(model, packed),
-                               position_ids=packed.position_ids, use_cache=False).last_hidden_state  # [R, C, H]
+    with varying_shape_attention(input_ids.device):
+        hidden = decoder_of(model)(input_ids=packed.input_ids, attention_mask=packed_attention_mask(model, packed),
+                                   position_ids=packed.position_ids, use_cache=False).last_hidden_state  # [R, C, H]
     sources = packed.index[:, :-1][mask]
     if bool((sources < 0).any()):
         raise ValueError("a labelled token follows a padding position; packed rows need each completion to follow "

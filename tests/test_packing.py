@@ -229,3 +229,14 @@ def test_online_rollouts_score_the_same_packed_and_padded():
         scored.append(rows)
     assert torch.equal(scored[0].input_ids, scored[1].input_ids)
     torch.testing.assert_close(scored[1].old_logps, scored[0].old_logps, atol=1e-5, rtol=0)
+
+
+def test_forwards_of_varying_shape_keep_cudnn_attention_off_on_cuda_only():
+    """cuDNN attention builds a graph per new shape (tests/gpu/test_gpu_packing.py checks the real forward)."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with lp.varying_shape_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with lp.varying_shape_attention(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before

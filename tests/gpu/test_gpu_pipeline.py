@@ -112,8 +112,11 @@ def check_run(summary, records, trainers, cfg, device_type: str, weights_dtype, 
                 "gold/reply_rate/sft", "gold/reply_rate/aligned", "discriminator/reward/aligned", "kl/sft",
                 "kl/aligned"):
         assert key in summary, key
-    gold = {k: v for k, v in summary.items() if k.startswith("gold/")}
-    assert len(gold) == 6 and all(0.0 <= v <= 1.0 for v in gold.values()), gold
+    gold = {k: v for k, v in summary.items() if k.startswith("gold/reply_rate")}
+    rates = {k: v for k, v in gold.items() if "_se/" not in k}  # sampled and greedy, for initial, sft and aligned
+    errors = {k: v for k, v in gold.items() if "_se/" in k}  # the standard error beside each
+    assert len(rates) == 6 and all(0.0 <= v <= 1.0 for v in rates.values()), rates
+    assert len(errors) == 6 and all(0.0 <= v < 0.5 for v in errors.values()), errors
     kl = {k: v for k, v in summary.items() if k.startswith("kl/")}
     assert all(math.isfinite(v) for v in kl.values()), kl
     assert abs(summary["kl/sft"]) < 1e-4, "the SFT model is its own reference: its KL must be 0"
