@@ -296,7 +296,7 @@ def plot(kind: str, rows: List[Dict], cells: List[Cell], path: Path, title: str)
             ax.legend(fontsize=8, frameon=False)
         ax.set_xticks(range(len(arms)), [r["cell"] for r in arms], rotation=30, ha="right")
         ax.set_ylabel("gold reply rate (held-out personas)")
-    fig.suptitle(f"{title}: mean and 95% Student-t interval over seeds (grey: each seed"
+    fig.suptitle(f"{title}\nmean and 95% Student-t interval over seeds (grey: each seed"
                  f"{', its arms joined in sweep order' if kind == 'frontier' else ''})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
