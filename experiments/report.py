@@ -197,14 +197,21 @@ def best_of_n_rows(jobs: List[Job], experiment: Optional[str]) -> List[Dict]:
     return rows
 
 
-def markdown(rows: List[Dict], jobs: List[Job], cells: List[Cell], experiment: Optional[str],
-             missing: List[Path]) -> str:
+def summary_table(rows: List[Dict], experiment: Optional[str]) -> str:
+    """The table of cells (mean ± 95% interval over seeds) and the sentence that says what the cells are."""
     titles = [t for t, _ in columns(experiment)]
     lines = ["| arm | seeds | " + " | ".join(titles) + " |", "|---" * (len(titles) + 2) + "|"]
     for row in rows:
         lines.append(f"| {row['cell']} | {len(row['seeds'])} | " + " | ".join(fmt(*row[t]) for t in titles) + " |")
     lines += ["", "Mean ± half-width of the 95% Student-t confidence interval over seeds (t(0.975, n-1) · sd / "
-              "sqrt(n)); gain over SFT: paired per seed. Held-out personas.", ""]
+              "sqrt(n)); gain over SFT: paired per seed. Held-out personas."]
+    return "\n".join(lines)
+
+
+def markdown(rows: List[Dict], jobs: List[Job], cells: List[Cell], experiment: Optional[str],
+             missing: List[Path]) -> str:
+    """The summary table, then one line per job with its evaluation's standard error."""
+    lines = [summary_table(rows, experiment), ""]
     lines += ["Per job (SE: standard error of the gold reply rate over the held-out prompts, the evaluation's "
               "own noise):", "", "| job | arm | seed | gold reply rate | SE | KL vs SFT |", "|---|---|---|---|---|---|"]
     cell_of = {j.number: c.name for c in cells for j in c.jobs}
@@ -347,29 +354,44 @@ def machine() -> str:
     return f"{platform.node() or 'unknown host'}, {os.cpu_count()} cores, {device}, torch {torch.__version__}"
 
 
-def fill_docs(docs: Path, sweep: Path, experiment: str, jobs: List[Job], text: str) -> None:
-    """Replace the block between ``<!-- report:<experiment> -->`` and ``<!-- /report:<experiment> -->`` in ``docs``
-    with this report (and copy the plot to ``<docs dir>/img/results/<experiment>.png``): no hand-typed number."""
+def _replace_block(page: str, start: str, end: str, body: str) -> str:
+    return page[:page.index(start)] + f"{start}\n{body}\n{end}" + page[page.index(end) + len(end):]
+
+
+def fill_docs(docs: Path, sweep: Path, experiment: str, jobs: List[Job], text: str, table: str) -> List[str]:
+    """Fill the blocks of this ablation in ``docs``, from this report only (no hand-typed number); returns which:
+
+    - ``<!-- report:<experiment> -->`` ... ``<!-- /report:<experiment> -->``: the whole report (``text``) and the plot,
+      copied to ``<docs dir>/img/results/<experiment>.png`` (docs/results.md);
+    - ``<!-- report:<experiment>:table -->`` ... ``<!-- /report:<experiment>:table -->``: the summary ``table`` only
+      (the README's algorithm table, whose prose links to the full report).
+    """
     import datetime
     import shutil
 
-    start, end = f"<!-- report:{experiment} -->", f"<!-- /report:{experiment} -->"
     page = docs.read_text()
-    if start not in page or end not in page:
-        raise SystemExit(f"{docs} has no {start} ... {end} block to fill")
-    image = docs.parent / "img" / "results" / f"{experiment}.png"
-    image.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(sweep / "report.png", image)
+    full = (f"<!-- report:{experiment} -->", f"<!-- /report:{experiment} -->")
+    short = (f"<!-- report:{experiment}:table -->", f"<!-- /report:{experiment}:table -->")
+    found = [block for block in (full, short) if block[0] in page and block[1] in page]
+    if not found:
+        raise SystemExit(f"{docs} has no {full[0]} ... {full[1]} (or {short[0]} ... {short[1]}) block to fill")
     when = datetime.datetime.fromtimestamp((sweep / str(jobs[-1].number) / "summary.json").stat().st_mtime)
-    block = (f"{start}\nRun {when:%Y-%m-%d} on {machine()}: {len(jobs)} jobs in "
-             f"{sweep_wall_time(sweep, jobs) / 60:.1f} min (first job's start to last job's end; sweep "
-             f"`{sweep.name}`), table and plot by `experiments/report.py`.\n\n{text}\n\n"
-             f"![{experiment}]({image.relative_to(docs.parent).as_posix()})\n{end}")
-    docs.write_text(page[:page.index(start)] + block + page[page.index(end) + len(end):])
+    run = (f"Run {when:%Y-%m-%d} on {machine()}: {len(jobs)} jobs in {sweep_wall_time(sweep, jobs) / 60:.1f} min "
+           f"(first job's start to last job's end; sweep `{sweep.name}`), table and plot by `experiments/report.py`.")
+    if full in found:
+        image = docs.parent / "img" / "results" / f"{experiment}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sweep / "report.png", image)
+        link = image.relative_to(docs.parent).as_posix()
+        page = _replace_block(page, *full, f"{run}\n\n{text}\n\n![{experiment}]({link})")
+    if short in found:
+        page = _replace_block(page, *short, f"{run}\n\n{table}")
+    docs.write_text(page)
+    return [block[0] for block in found]
 
 
 def report(sweep: Path, plot_kind: Optional[str] = None, use_wandb: Optional[bool] = None,
-           docs: Optional[Path] = None) -> Dict:
+           docs: Sequence[Path] = ()) -> Dict:
     """Write ``report.md``, ``report.csv``, ``report_jobs.csv`` and ``report.png`` into ``sweep``; returns the rows."""
     jobs, missing = load_jobs(sweep)
     if not jobs:
@@ -387,9 +409,9 @@ def report(sweep: Path, plot_kind: Optional[str] = None, use_wandb: Optional[boo
     print(text)
     print(f"\nwrote {sweep / 'report.md'}, report.csv, report_jobs.csv, {plot_path.name}")
     print(f"sweep wall time: {sweep_wall_time(sweep, jobs) / 60:.1f} min for {len(jobs)} jobs")
-    if docs is not None:
-        fill_docs(docs, sweep, experiment or sweep.name, jobs, text)
-        print(f"filled the {experiment} block of {docs}")
+    for page in docs or []:
+        filled = fill_docs(page, sweep, experiment or sweep.name, jobs, text, summary_table(rows, experiment))
+        print(f"filled {', '.join(filled)} of {page}")
     if use_wandb is None:
         use_wandb = (jobs[0].config.get("logger") or {}).get("kind") == "wandb"
     logged = log_wandb(sweep, jobs, rows, experiment, plot_path) if use_wandb else None
@@ -404,7 +426,9 @@ def main() -> None:
     parser.add_argument("--plot", choices=("frontier", "bars"), help="the plot (default: the ablation's own)")
     parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
                         help="log the table to W&B (default: when the jobs used logger=wandb)")
-    parser.add_argument("--docs", type=Path, help="also fill this ablation's block of a page (docs/results.md)")
+    parser.add_argument("--docs", type=Path, action="append",
+                        help="also fill this ablation's blocks of a page (docs/results.md; the README for the "
+                             "algorithms table); repeat for several pages")
     args = parser.parse_args()
     report(args.sweep, args.plot, args.wandb, args.docs)
 

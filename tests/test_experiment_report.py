@@ -117,13 +117,26 @@ def test_docs_block_is_filled_from_the_report(tmp_path):
     page.parent.mkdir()
     page.write_text("# Results\n\n<!-- report:dpo_beta -->\nNot run yet.\n<!-- /report:dpo_beta -->\n\n## next\n"
                     "<!-- report:apo_anchor -->\nNot run yet.\n<!-- /report:apo_anchor -->\n")
-    report.report(sweep, docs=page)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- report:dpo_beta:table -->\nold table\n<!-- /report:dpo_beta:table -->\nrest\n")
+    report.report(sweep, docs=[page, readme])
     text = page.read_text()
     dpo_block = text.split("<!-- report:dpo_beta -->")[1].split("<!-- /report:dpo_beta -->")[0]
     assert "| dpo_0.1 | 3 | 0.290 ± 0.066 |" in dpo_block and "6 jobs in" in dpo_block
     assert "![dpo_beta](img/results/dpo_beta.png)" in dpo_block
     assert (tmp_path / "docs" / "img" / "results" / "dpo_beta.png").exists()
     assert text.endswith("## next\n<!-- report:apo_anchor -->\nNot run yet.\n<!-- /report:apo_anchor -->\n")
+
+    # The README's short block: the summary table only, no per-job lines, no plot copied beside the README.
+    short = readme.read_text()
+    assert short.startswith("intro\n<!-- report:dpo_beta:table -->\nRun ") and short.endswith("\nrest\n")
+    assert "| dpo_0.1 | 3 | 0.290 ± 0.066 |" in short and "Per job" not in short and "old table" not in short
+    assert not (tmp_path / "img").exists()
+
+    blockless = tmp_path / "other.md"
+    blockless.write_text("no blocks here\n")
+    with pytest.raises(SystemExit, match="other.md has no <!-- report:dpo_beta -->"):
+        report.report(sweep, docs=[blockless])
 
 
 def test_best_of_n_rows_per_seed(tmp_path):
