@@ -291,18 +291,26 @@ def plot(kind: str, rows: List[Dict], cells: List[Cell], path: Path, title: str)
             ax.set_ylabel(metric + (" (gold, held-out)" if metric == "gold reply rate" else " (proxy)"))
         axes[0].legend(fontsize=7, frameon=False)
     else:
-        fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(arms) + 2), 4))
-        means = [r["gold reply rate"][0] for r in arms]
-        halves = [0 if math.isnan(r["gold reply rate"][1]) else r["gold reply rate"][1] for r in arms]
-        ax.bar(range(len(arms)), means, yerr=halves, capsize=4, color="tab:blue")
+        # Left: the rates, each seed a dot; right: the paired gain over the same seed's SFT model, the sharper view
+        # when the seeds' SFT models differ.
+        width = max(5.0, 0.6 * len(arms) + 2)
+        stacked = len(arms) > 6  # many arms: one above the other
+        fig, axes = plt.subplots(*(2, 1) if stacked else (1, 2),
+                                 figsize=(width, 8.4) if stacked else (2 * width, 4.2))
+        for ax, metric in zip(axes, ("gold reply rate", "gain over SFT")):
+            means = [r[metric][0] for r in arms]
+            halves = [0 if math.isnan(r[metric][1]) else r[metric][1] for r in arms]
+            ax.bar(range(len(arms)), means, yerr=halves, capsize=4, color="tab:blue")
+            ax.set_xticks(range(len(arms)), [r["cell"] for r in arms], rotation=35, ha="right")
         for i, cell in enumerate(cells):
             ys = cell.values("gold/reply_rate/aligned")
-            ax.scatter([i] * len(ys), ys, s=10, color="black", alpha=0.5, zorder=3)
+            axes[0].scatter([i] * len(ys), ys, s=10, color="black", alpha=0.5, zorder=3)
         if sft is not None:
-            ax.axhline(sft["gold reply rate"][0], color="grey", linestyle="--", linewidth=1, label="SFT")
-            ax.legend(fontsize=8, frameon=False)
-        ax.set_xticks(range(len(arms)), [r["cell"] for r in arms], rotation=30, ha="right")
-        ax.set_ylabel("gold reply rate (held-out personas)")
+            axes[0].axhline(sft["gold reply rate"][0], color="grey", linestyle="--", linewidth=1, label="SFT")
+            axes[0].legend(fontsize=8, frameon=False)
+        axes[1].axhline(0.0, color="grey", linewidth=1)
+        axes[0].set_ylabel("gold reply rate (held-out personas)")
+        axes[1].set_ylabel("gain over the same seed's SFT model")
     fig.suptitle(f"{title}\nmean and 95% Student-t interval over seeds (grey: each seed"
                  f"{', its arms joined in sweep order' if kind == 'frontier' else ''})", fontsize=10)
     fig.tight_layout()
