@@ -33,6 +33,15 @@ def test_every_ablation_has_a_config():
     assert {p.stem for p in (CONF / "experiment").glob("*.yaml")} >= set(ABLATIONS)
 
 
+def test_ablations_run_two_jobs_at_a_time_unless_told_otherwise(compose):
+    """The one command of each ablation runs in parallel (its measured time assumes it); the command line wins."""
+    launcher = compose("experiment=algorithms", return_hydra_config=True).hydra.launcher
+    assert launcher._target_.endswith("JoblibLauncher") and launcher.n_jobs == 2
+    basic = compose("experiment=algorithms", "hydra/launcher=basic", return_hydra_config=True).hydra.launcher
+    assert basic._target_.endswith("BasicLauncher")
+    assert compose("algo=dpo", return_hydra_config=True).hydra.launcher._target_.endswith("BasicLauncher")
+
+
 @pytest.mark.parametrize("experiment", ABLATIONS)
 def test_every_job_of_the_grid_composes_and_validates(compose, experiment):
     keys, jobs = sweep_jobs(compose, experiment)
