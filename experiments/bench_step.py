@@ -58,8 +58,9 @@ covers the training steps: both models, activations, gradients, AdamW state), ab
 the resident set at that reset. The absolute peak is the comparable one: the weights ``from_pretrained`` memory-maps
 become resident only when first touched, which for ours and eager happens before training (the reference is a
 ``deepcopy`` of the policy) but for TRL, whose reference is loaded from the files, inside the first step, so TRL's
-"above base" figure also counts its weights. Results are printed (a Markdown table, then the ratios beside the issue's targets,
-which are never asserted) and written to ``experiments/results/bench_step_cpu_<shape>.csv``.
+"above base" figure also counts its weights. Results are printed (a Markdown table, then the ratios beside the
+issue's targets, which are never asserted) and written to ``experiments/results/bench_step_<device>_<shape>.csv``
+(``_bf16`` added under ``--precision bf16-mixed``).
 
     python experiments/bench_step.py --quick                  # a tiny model, a few steps: well under 2 minutes
     python experiments/bench_step.py                          # 4 layers, hidden 256, 30k vocabulary; 2 + 6 steps
@@ -473,7 +474,8 @@ def _run_ours(spec: dict, log: StepLog) -> dict:
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(max_steps=spec["warmup"] + spec["steps"],
                             accelerator="gpu" if spec["device"] == "cuda" else "cpu", devices=1,
-                            precision=spec["precision"], gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+                            precision=spec["precision"], gradient_clip_val=1.0, logger=False,
+                            enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                             num_sanity_val_steps=0, log_every_n_steps=1, callbacks=[timer], default_root_dir=root,
                             use_distributed_sampler=False)
@@ -513,13 +515,14 @@ def _run_trl(spec: dict, log: StepLog) -> dict:
 
     with tempfile.TemporaryDirectory() as root:
         config = DPOConfig(
-            output_dir=root, use_cpu=spec["device"] == "cpu", seed=spec["seed"], max_steps=spec["warmup"] + spec["steps"],
+            output_dir=root, use_cpu=spec["device"] == "cpu", seed=spec["seed"],
+            max_steps=spec["warmup"] + spec["steps"],
             per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
             max_length=spec["max_length"], truncation_mode="keep_start", pad_to_multiple_of=None,
             loss_type=["sigmoid"], beta=spec["beta"], precompute_ref_log_probs=False, disable_dropout=True,
             learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-            max_grad_norm=1.0, optim="adamw_torch", gradient_checkpointing=False, bf16=spec["precision"] == "bf16-mixed",
-            fp16=False,
+            max_grad_norm=1.0, optim="adamw_torch", gradient_checkpointing=False,
+            bf16=spec["precision"] == "bf16-mixed", fp16=False,
             model_init_kwargs={"dtype": torch.float32}, train_sampling_strategy="sequential",
             report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
         trainer = DPOTrainer(model=spec["checkpoint"], args=config, train_dataset=dataset,
@@ -651,7 +654,7 @@ def main(argv=None):
                         help="also write torch.profiler tables of the timed steps to DIR/<impl>.txt (the profiler's "
                              "own overhead is in those steps' times)")
     parser.add_argument("--out", default=None,
-                        help="CSV path (default: results/bench_step_cpu_<shape>.csv, _quick with --quick)")
+                        help="CSV path (default: results/bench_step_<device>_<shape>.csv, _quick with --quick)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -694,7 +697,8 @@ def main(argv=None):
         info = build_data(Path(tmp), args)
         means, longest = info["mean_lengths"], info["max_lengths"]
         print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}; "
-              f"{where}, {args.precision}; threads={threads}; load {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} on {os.cpu_count()} CPUs")
+              f"{where}, {args.precision}; threads={threads}; load {os.getloadavg()[0]:.2f} "
+              f"{os.getloadavg()[1]:.2f} on {os.cpu_count()} CPUs")
         print(f"model: Llama, hidden {args.hidden_size}, {args.layers} layers, {args.heads} heads, vocab "
               f"{args.vocab} (tokenizer {info['tokenizer_vocab']}), {info['params'] / 1e6:.1f}M parameters")
         print(f"data: {info['pairs']} HH-like pairs; mean tokens prompt {means['prompt']:.1f} / chosen "
@@ -743,7 +747,8 @@ def main(argv=None):
             rows.append(row)
 
     shape_text = "quick (tiny)" if args.quick else args.shape + (" (custom)" if custom else "")
-    on = f"CPU ({threads} thread{'s' if threads > 1 else ''})" if args.device == "cpu" else f"{where}, {args.precision}"
+    on = (f"CPU ({threads} thread{'s' if threads > 1 else ''})" if args.device == "cpu"
+          else f"{where}, {args.precision}")
     _print_table(rows, f"DPO step on {on}, shape {shape_text}: "
                        f"{args.batch_size} pairs, max length {args.max_length}, {info['params'] / 1e6:.1f}M-parameter "
                        f"Llama ({args.layers} layers, hidden {args.hidden_size}, vocab {args.vocab}); median of "
@@ -760,12 +765,13 @@ def main(argv=None):
         by["ours"].update(ratios)
     suffix = "" if args.precision == "32-true" else "_bf16"
     out = Path(args.out) if args.out else RESULTS / (
-        f"bench_step_{args.device}_quick{suffix}.csv" if args.quick else f"bench_step_{args.device}_{args.shape}{suffix}.csv")
+        f"bench_step_{args.device}_{'quick' if args.quick else args.shape}{suffix}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     fields = ["impl", "shape", "hidden_size", "layers", "heads", "vocab", "tokenizer_vocab", "params", "batch_size",
               "max_length", "steps", "warmup", "threads", "steps_timed", "s_per_step", "s_per_step_min",
               "s_per_step_max", "cpu_s_per_step", "tokens_per_step", "tokens_per_s", "peak_rss_mb", "base_rss_mb",
-              "train_peak_mb", "peak_gpu_mb", "gpu_train_peak_mb", "device", "precision", "ours_vs_padded_throughput", "ours_over_padded_peak", "ours_vs_eager_throughput", "ours_vs_trl_throughput", "ours_over_trl_peak",
+              "train_peak_mb", "peak_gpu_mb", "gpu_train_peak_mb", "device", "precision", "ours_vs_padded_throughput",
+              "ours_over_padded_peak", "ours_vs_eager_throughput", "ours_vs_trl_throughput", "ours_over_trl_peak",
               "ours_over_trl_train_peak", "ours_over_eager_peak", "ours_over_eager_train_peak", "same_batches",
               "process_wall_s", "note"]
     with open(out, "w", newline="") as f:

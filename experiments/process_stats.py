@@ -65,7 +65,11 @@ class StepTimer:
     ``base_gpu``, what was allocated when training started)."""
 
     def __init__(self, device: str = "cpu"):
-        self.cuda = device == "cuda"
+        self.cuda = None
+        if device == "cuda":
+            import torch
+
+            self.cuda = torch.cuda
         self.begin = self.cpu_begin = 0.0
         self.times, self.cpu_times = [], []
         self.base_rss = self.peak_rss = 0
@@ -73,17 +77,13 @@ class StepTimer:
 
     def _wait_for_gpu(self):
         if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
+            self.cuda.synchronize()
 
     def train_start(self):
         self._wait_for_gpu()
         if self.cuda:
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-            self.base_gpu = torch.cuda.memory_allocated()
+            self.cuda.reset_peak_memory_stats()
+            self.base_gpu = self.cuda.memory_allocated()
         self.base_rss = reset_peak_rss()
 
     def step_start(self):
@@ -99,9 +99,7 @@ class StepTimer:
         self._wait_for_gpu()
         self.peak_rss = peak_rss()
         if self.cuda:
-            import torch
-
-            self.peak_gpu = torch.cuda.max_memory_allocated()
+            self.peak_gpu = self.cuda.max_memory_allocated()
 
 
 def lightning_step_timer(timer: StepTimer, before_step: Optional[Callable[[Any, Any], None]] = None,
