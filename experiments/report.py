@@ -208,10 +208,9 @@ def summary_table(rows: List[Dict], experiment: Optional[str]) -> str:
     return "\n".join(lines)
 
 
-def markdown(rows: List[Dict], jobs: List[Job], cells: List[Cell], experiment: Optional[str],
-             missing: List[Path]) -> str:
-    """The summary table, then one line per job with its evaluation's standard error."""
-    lines = [summary_table(rows, experiment), ""]
+def markdown(table: str, jobs: List[Job], cells: List[Cell], missing: List[Path]) -> str:
+    """The summary ``table``, then one line per job with its evaluation's standard error."""
+    lines = [table, ""]
     lines += ["Per job (SE: standard error of the gold reply rate over the held-out prompts, the evaluation's "
               "own noise):", "", "| job | arm | seed | gold reply rate | SE | KL vs SFT |", "|---|---|---|---|---|---|"]
     cell_of = {j.number: c.name for c in cells for j in c.jobs}
@@ -291,10 +290,10 @@ def plot(kind: str, rows: List[Dict], cells: List[Cell], path: Path, title: str)
             ax.set_ylabel(metric + (" (gold, held-out)" if metric == "gold reply rate" else " (proxy)"))
         axes[0].legend(fontsize=7, frameon=False)
     else:
-        # Left: the rates, each seed a dot; right: the paired gain over the same seed's SFT model, the sharper view
-        # when the seeds' SFT models differ.
+        # First the rates, each seed a dot; then the paired gain over the same seed's SFT model, the sharper view
+        # when the seeds' SFT models differ. Side by side, or one above the other when there are many arms.
         width = max(5.0, 0.6 * len(arms) + 2)
-        stacked = len(arms) > 6  # many arms: one above the other
+        stacked = len(arms) > 6
         fig, axes = plt.subplots(*(2, 1) if stacked else (1, 2),
                                  figsize=(width, 8.4) if stacked else (2 * width, 4.2))
         for ax, metric in zip(axes, ("gold reply rate", "gain over SFT")):
@@ -385,15 +384,16 @@ def fill_docs(docs: Path, sweep: Path, experiment: str, jobs: List[Job], text: s
         raise SystemExit(f"{docs} has no {full[0]} ... {full[1]} (or {short[0]} ... {short[1]}) block to fill")
     when = datetime.datetime.fromtimestamp((sweep / str(jobs[-1].number) / "summary.json").stat().st_mtime)
     run = (f"Run {when:%Y-%m-%d} on {machine()}: {len(jobs)} jobs in {sweep_wall_time(sweep, jobs) / 60:.1f} min "
-           f"(first job's start to last job's end; sweep `{sweep.name}`), table and plot by `experiments/report.py`.")
+           f"(first job's start to last job's end; sweep `{sweep.name}`)")
     if full in found:
         image = docs.parent / "img" / "results" / f"{experiment}.png"
         image.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(sweep / "report.png", image)
         link = image.relative_to(docs.parent).as_posix()
-        page = _replace_block(page, *full, f"{run}\n\n{text}\n\n![{experiment}]({link})")
+        page = _replace_block(page, *full, f"{run}, table and plot by `experiments/report.py`.\n\n{text}\n\n"
+                                           f"![{experiment}]({link})")
     if short in found:
-        page = _replace_block(page, *short, f"{run}\n\n{table}")
+        page = _replace_block(page, *short, f"{run}, table by `experiments/report.py`.\n\n{table}")
     docs.write_text(page)
     return [block[0] for block in found]
 
@@ -407,7 +407,8 @@ def report(sweep: Path, plot_kind: Optional[str] = None, use_wandb: Optional[boo
     experiment = experiment_name(sweep, jobs)
     cells = group_cells(jobs)
     rows = table_rows(cells, jobs, experiment)
-    text = markdown(rows, jobs, cells, experiment, missing)
+    table = summary_table(rows, experiment)
+    text = markdown(table, jobs, cells, missing)
     kind = plot_kind or PLOTS.get(experiment or "", "bars")
     title = experiment or sweep.name
     (sweep / "report.md").write_text(f"## {title}\n\n{text}\n\n![{title}](report.png)\n")
@@ -418,7 +419,7 @@ def report(sweep: Path, plot_kind: Optional[str] = None, use_wandb: Optional[boo
     print(f"\nwrote {sweep / 'report.md'}, report.csv, report_jobs.csv, {plot_path.name}")
     print(f"sweep wall time: {sweep_wall_time(sweep, jobs) / 60:.1f} min for {len(jobs)} jobs")
     for page in docs or []:
-        filled = fill_docs(page, sweep, experiment or sweep.name, jobs, text, summary_table(rows, experiment))
+        filled = fill_docs(page, sweep, experiment or sweep.name, jobs, text, table)
         print(f"filled {', '.join(filled)} of {page}")
     if use_wandb is None:
         use_wandb = (jobs[0].config.get("logger") or {}).get("kind") == "wandb"
