@@ -131,6 +131,9 @@ CONFIGS: Dict[str, Callable] = {
     "granite": _granite,
 }
 ARCHITECTURES = tuple(CONFIGS)
+# Attention implementations that take a custom mask, per architecture (transformers refuses SDPA for Gemma-2's
+# soft-capping): what packed rows run through.
+MASKED_ATTENTION = {arch: ("eager",) if arch == "gemma2" else ("sdpa", "eager") for arch in ARCHITECTURES}
 
 
 @functools.lru_cache(maxsize=1)
@@ -196,6 +199,17 @@ def padded_batch(tokenizer, side: str, device=None):
     "left"); labels cover the completions (eos included) only."""
     rows = [(tokenizer(p)["input_ids"], tokenizer(c)["input_ids"] + [tokenizer.eos_token_id]) for p, c in TEXTS]
     return padded_rows(rows, tokenizer.pad_token_id, side, device=device)
+
+
+def pair_rows(tokenizer, side: str, device=None):
+    """``(input_ids, attention_mask, labels, groups)``: ``[2 * len(TEXTS), L]`` paired rows, chosen rows (each text's
+    completion) then rejected rows (the next text's completion after the same prompt), padded on ``side``, on
+    ``device``; and the groups ``[2 * len(TEXTS)]`` on the CPU (a pair's two rows share one, as the modules keep it)."""
+    prompts = [tokenizer(p)["input_ids"] for p, _ in TEXTS]
+    completions = [tokenizer(c)["input_ids"] + [tokenizer.eos_token_id] for _, c in TEXTS]
+    rows = list(zip(prompts, completions))
+    rows += [(p, completions[(i + 1) % len(completions)]) for i, p in enumerate(prompts)]
+    return (*padded_rows(rows, tokenizer.pad_token_id, side, device=device), torch.arange(len(TEXTS)).repeat(2))
 
 
 def padded_rows(rows, pad_token_id: int, side: str, width=None, device=None):

@@ -10,15 +10,12 @@ import logging
 
 import pytest
 import torch
-from checkpoints import ARCHITECTURES, TEXTS, padded_rows
+from checkpoints import ARCHITECTURES, MASKED_ATTENTION, pair_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlmf import logprobs as lp
 from rlmf.logprobs import completion_logps, completion_token_logps, packing_problem
 from rlmf.packing import PackedRows, pack, row_groups, stack_rows
-
-# Attention implementations each architecture loads with (transformers refuses SDPA for Gemma-2's soft-capping).
-IMPLEMENTATIONS = {arch: ("eager",) if arch == "gemma2" else ("sdpa", "eager") for arch in ARCHITECTURES}
 
 
 def test_a_pair_shares_its_prompt_and_each_completion_sees_only_itself():
@@ -81,22 +78,12 @@ def test_paired_batches_group_chosen_with_rejected_and_rows_of_other_widths_stac
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and labels[0].tolist() == [5, 5, -100, -100]
 
 
-def pair_rows(tokenizer, side):
-    """``[2 * len(TEXTS), L]`` paired rows: chosen rows (each text's completion), then rejected rows (the next text's
-    completion after the same prompt); padded on ``side``; and the groups (a pair's two rows share one)."""
-    prompts = [tokenizer(p)["input_ids"] for p, _ in TEXTS]
-    completions = [tokenizer(c)["input_ids"] + [tokenizer.eos_token_id] for _, c in TEXTS]
-    rows = [(p, c) for p, c in zip(prompts, completions)]
-    rows += [(p, completions[(i + 1) % len(completions)]) for i, p in enumerate(prompts)]
-    return (*padded_rows(rows, tokenizer.pad_token_id, side), torch.arange(len(TEXTS)).repeat(2))
-
-
 def load(directory, implementation):
     model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation=implementation).float().eval()
     return model, AutoTokenizer.from_pretrained(directory)
 
 
-@pytest.mark.parametrize("arch,implementation", [(a, i) for a in ARCHITECTURES for i in IMPLEMENTATIONS[a]])
+@pytest.mark.parametrize("arch,implementation", [(a, i) for a in ARCHITECTURES for i in MASKED_ATTENTION[a]])
 def test_packed_logps_and_gradients_equal_padded_for_every_architecture(tiny_checkpoint, arch, implementation):
     model, tokenizer = load(tiny_checkpoint(arch), implementation)
     assert packing_problem(model) is None

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checkpoints import ARCHITECTURES, TEXTS, padded_rows
+from checkpoints import ARCHITECTURES, MASKED_ATTENTION, pair_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlmf.logprobs import completion_logps, completion_token_logps, packing_problem
 from rlmf.packing import pack
-
-# Attention implementations each architecture loads with (transformers refuses SDPA for Gemma-2's soft-capping).
-IMPLEMENTATIONS = {arch: ("eager",) if arch == "gemma2" else ("sdpa", "eager") for arch in ARCHITECTURES}
 
 
 def load(directory, implementation, device, dtype=torch.float32):
@@ -30,23 +27,12 @@ def load(directory, implementation, device, dtype=torch.float32):
     return model.to(device=device, dtype=dtype).eval(), AutoTokenizer.from_pretrained(directory)
 
 
-def pair_rows(tokenizer, side, device):
-    """Chosen rows (each text's completion) then rejected rows (the next text's completion after the same prompt),
-    padded on ``side``, on ``device``; and the groups (a pair's two rows share one), on the CPU as the modules keep
-    them."""
-    prompts = [tokenizer(p)["input_ids"] for p, _ in TEXTS]
-    completions = [tokenizer(c)["input_ids"] + [tokenizer.eos_token_id] for _, c in TEXTS]
-    rows = list(zip(prompts, completions))
-    rows += [(p, completions[(i + 1) % len(completions)]) for i, p in enumerate(prompts)]
-    return padded_rows(rows, tokenizer.pad_token_id, side, device=device), torch.arange(len(TEXTS)).repeat(2)
-
-
-@pytest.mark.parametrize("arch,implementation", [(a, i) for a in ARCHITECTURES for i in IMPLEMENTATIONS[a]])
+@pytest.mark.parametrize("arch,implementation", [(a, i) for a in ARCHITECTURES for i in MASKED_ATTENTION[a]])
 def test_packed_logps_and_gradients_equal_padded_on_cuda(tiny_checkpoint, device, arch, implementation):
     model, tokenizer = load(tiny_checkpoint(arch), implementation, device)
     assert packing_problem(model) is None
     for side in ("right", "left"):
-        rows, groups = pair_rows(tokenizer, side, device)
+        *rows, groups = pair_rows(tokenizer, side, device)
         assert pack(*rows, groups).shared_tokens > 0
         padded, mask = completion_token_logps(model, *rows)
         assert padded.device.type == "cuda"
@@ -55,7 +41,7 @@ def test_packed_logps_and_gradients_equal_padded_on_cuda(tiny_checkpoint, device
             assert packed.device.type == "cuda" and torch.equal(mask, packed_mask)
             torch.testing.assert_close(packed, padded, atol=1e-4, rtol=0, msg=f"{arch} {side} {packing}")
 
-    rows, groups = pair_rows(tokenizer, "right", device)
+    *rows, groups = pair_rows(tokenizer, "right", device)
     grads = []
     for packing in ("none", "shared_prompt"):
         model.zero_grad()
@@ -65,12 +51,12 @@ def test_packed_logps_and_gradients_equal_padded_on_cuda(tiny_checkpoint, device
     torch.testing.assert_close(grads[1], grads[0], atol=1e-4 * scale, rtol=0)
 
 
-@pytest.mark.parametrize("arch,implementation", [(a, i) for a in ARCHITECTURES for i in IMPLEMENTATIONS[a]])
+@pytest.mark.parametrize("arch,implementation", [(a, i) for a in ARCHITECTURES for i in MASKED_ATTENTION[a]])
 def test_bf16_weights_pack_on_cuda(tiny_checkpoint, device, arch, implementation):
     """A bf16-true run packs: the probe passes, and packed log-probs stay within bf16 noise of padded ones."""
     model, tokenizer = load(tiny_checkpoint(arch), implementation, device, torch.bfloat16)
     assert packing_problem(model) is None
-    rows, groups = pair_rows(tokenizer, "right", device)
+    *rows, groups = pair_rows(tokenizer, "right", device)
     padded, _ = completion_token_logps(model, *rows)
     packed, _ = completion_token_logps(model, *rows, packing="shared_prompt", groups=groups)
     scale = max(1.0, padded.abs().max().item())
@@ -90,6 +76,6 @@ def test_our_forwards_never_pick_cudnn_attention(tiny_checkpoint, device, monkey
         return sdpa(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    rows, groups = pair_rows(tokenizer, "right", device)
+    *rows, groups = pair_rows(tokenizer, "right", device)
     completion_logps(model, *rows, packing=packing, groups=groups)[0].sum().backward()
     assert seen and not any(seen), seen
