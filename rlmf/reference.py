@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # Bump when the way reference log-probs are computed changes in a way the files hashed below do not show.
 REFERENCE_CACHE_VERSION = 2
 # The code whose output the reference cache stores: the log-prob path and its kernels (modules, located through the
-# import system: rlmf.kernels is installed from the repository's top-level kernels/ folder).
+# import system: rlmf.kernels is installed from the repository's kernels/rlmf_kernels/ folder).
 _LOGPROB_CODE = ("rlmf.logprobs", "rlmf.kernels.dispatch", "rlmf.kernels.logprobs_torch",
                  "rlmf.kernels.logprobs_hidden_triton", "rlmf.kernels.logprobs_logits_triton")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")

@@ -126,7 +126,7 @@ def test_two_jobs_evaluating_one_shared_base_at_once_both_succeed_and_agree(comp
 
 
 def test_the_code_fingerprint_covers_the_kernels():
-    """The kernels live in the repository's top-level kernels/ folder, installed as rlmf.kernels: the fingerprint
+    """The kernels live in the repository's kernels/rlmf_kernels/ folder, installed as rlmf.kernels: the fingerprint
     must read them where the import system finds them, not beside rlmf/reference.py."""
     import importlib.util
     from unittest import mock
