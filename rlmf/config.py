@@ -64,6 +64,9 @@ class PreferenceFilesTaskConfig:
     subset: Optional[str] = None
     on_bad_row: str = "error"  # error | skip
     eval_prompts: int = 32
+    # HH-RLHF transcripts ("\n\nHuman: ...\n\nAssistant: ..."): chat reads their turns as messages, rendered through
+    # the tokenizer's chat template when it has one (as text otherwise); raw keeps the transcript text as it is.
+    transcripts: str = "chat"
 
 
 @dataclass
@@ -97,6 +100,10 @@ class GeneratorConfig:
     max_new_tokens: int = 96
     temperature: float = 1.0
     sft: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, max_steps=300, batch_size=16))
+    # algo.optim's learning rate and batch size unless set, per family of objectives (rlmf.losses.loss_family:
+    # preference | online | sft): what suits this generator. The tiny model's here; pretrained ones in hf.yaml.
+    optim_by_family: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {
+        family: {"lr": 1e-4, "batch_size": 8} for family in ("preference", "online", "sft")})
 
 
 @dataclass
@@ -142,6 +149,10 @@ class OnlineConfig:
     log_completions_every: int = 10  # a table of sampled completions and rewards every N batches (W&B); 0: never
 
 
+# The generator's default for the algorithm's family (an interpolation resolved when the config is read).
+_FAMILY_DEFAULT = "${{generator.optim_by_family.${{loss_family:${{algo.name}}}}.{}}}"
+
+
 @dataclass
 class AlgoConfig:
     name: str = "dpo"  # a key of rlmf.losses.LOSSES
@@ -151,7 +162,8 @@ class AlgoConfig:
     online: OnlineConfig = field(default_factory=OnlineConfig)  # ppo, grpo, rloo, online_dpo: rollouts
     lora_rank: int = 8
     reference_cache_dir: str = ".cache/rlmf/reference_logps"  # algo.reference=precomputed caches here
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, max_steps=60, batch_size=8))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=_FAMILY_DEFAULT.format("lr"), max_steps=60,
+                                                                    batch_size=_FAMILY_DEFAULT.format("batch_size")))
 
 
 @dataclass
@@ -259,8 +271,15 @@ def kto_balanced_desirable_weight(drop_desirable: float) -> float:
     return 1.0 / (1.0 - float(drop_desirable))
 
 
+def _loss_family(name: str) -> str:
+    from rlmf.losses import loss_family
+
+    return loss_family(name)
+
+
 def register_configs() -> None:
     OmegaConf.register_new_resolver("kto_balanced_desirable_weight", kto_balanced_desirable_weight, replace=True)
+    OmegaConf.register_new_resolver("loss_family", _loss_family, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="rlmf_config", node=Config)
     # Schemas live in their own group so they are not listed as task options; each task yaml extends one.
@@ -366,7 +385,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"loop.rounds={cfg.loop.rounds} needs a task with a feedback source; task={cfg.task.name} "
                           "brings fixed preference pairs (use loop.rounds=1)")
     if cfg.task.name == "preference_files":
+        from rlmf.data.formats import TRANSCRIPTS
+
         _choice("task.on_bad_row", cfg.task.on_bad_row, ("error", "skip"))
+        _choice("task.transcripts", cfg.task.transcripts, TRANSCRIPTS)
     if cfg.get("reward") is not None:
         from rlmf.rewards import validate_reward_config
 

@@ -379,7 +379,8 @@ def generator_checkpoints(run: Run) -> Dict[str, str | Path]:
 # --- stages --------------------------------------------------------------------------------------------------------
 
 def stage_sft(run: Run) -> Dict[str, Any]:
-    from rlmf.data.sft import SFTDataModule
+    from rlmf.data import log_data_report
+    from rlmf.data.sft import SFTDataModule, sft_rows
     from rlmf.modules.generator import Generator
 
     out = run.stage_dir("sft")
@@ -393,6 +394,7 @@ def stage_sft(run: Run) -> Dict[str, Any]:
                          seed=run.cfg.seed, num_workers=run.cfg.trainer.num_workers, max_tokens=opt.max_tokens)
     module = Generator(model, loss_name="sft", lr=opt.lr, weight_decay=opt.weight_decay,
                        warmup_ratio=opt.warmup_ratio, metric_prefix="sft", packing=g.packing)
+    log_data_report("SFT data", sft_rows(train), tokenizer, data.drops)
     steps = optimiser_steps(run, opt, data.batches_per_epoch(opt.max_epochs or 1))
     trainer = make_trainer(run, "sft", steps)
     before = trainer.validate(module, datamodule=data, verbose=False)[0]["sft/val/loss"]
@@ -552,7 +554,7 @@ def stage_align(run: Run) -> Dict[str, Any]:
     A task that brings its own pairs (``task=preference_files``) gives the feedback as they are. The starting generator is the SFT model, or
     a ``generator=hf`` checkpoint as it is when the job has no ``sft`` stage (:func:`starting_generator`).
     """
-    from rlmf.data import pairs_to_feedback, tokenize_feedback, tokenize_pairs
+    from rlmf.data import log_data_report, pairs_to_feedback, tokenize_feedback, tokenize_pairs
     from rlmf.data.alignment import AlignmentDataModule, with_mismatched_completions
     from rlmf.feedback.machine import round_feedback
     from rlmf.losses import get_loss, loss_inputs
@@ -578,9 +580,11 @@ def stage_align(run: Run) -> Dict[str, Any]:
 
     if run.task.preference_pairs("train") is not None:  # the task's own pairs are the feedback
         stats = {}
-        (train, drops), (validation, _) = (tokenize(run.task.preference_pairs(s),
-                                                    pairs_to_feedback(run.task.preference_pairs(s)))
-                                           for s in ("train", "eval"))
+        pairs = run.task.preference_pairs("train")
+        thumbs = pairs_to_feedback(pairs)
+        train, drops = tokenize(pairs, thumbs)
+        eval_pairs = run.task.preference_pairs("eval")
+        validation, _ = tokenize(eval_pairs, pairs_to_feedback(eval_pairs))
     else:
         pairs, thumbs, stats = round_feedback(run, model, tokenizer)  # rlmf.feedback.machine
         if run.cfg.feedback.drop_desirable > 0:
@@ -593,7 +597,7 @@ def stage_align(run: Run) -> Dict[str, Any]:
         features, drops = tokenize(pairs, thumbs)
         n_val = max(1, len(features) // 10)
         train, validation = features[n_val:], features[:n_val]
-    log.info("alignment data: %s", drops)
+    log_data_report("alignment data", thumbs if data_format == "unpaired" else pairs, tokenizer, drops)
     splits = {"train": train, "validation": validation}
     reference_mode = a.reference if loss.requires_reference else "none"
     if reference_mode == "precomputed":

@@ -149,3 +149,37 @@ def test_launcher_presets_compose(compose, preset, target):
     assert cfg.hydra.launcher._target_.endswith(target)
     if preset == "slurm":
         assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min == 240
+
+
+# Defaults that fit the generator: the tiny model's, or a pretrained checkpoint's (conf/generator/hf.yaml)
+
+HF = ("generator=hf", "generator.name_or_path=/some/model")
+
+
+@pytest.mark.parametrize("algo,family", [("dpo", "preference"), ("kto", "preference"), ("simpo", "preference"),
+                                         ("grpo", "online"), ("ppo", "online"), ("sft", "sft")])
+def test_algo_optim_takes_the_generators_default_for_its_family(compose, algo, family):
+    from rlmf.losses import loss_family
+
+    assert loss_family(algo) == family
+    tiny = compose(f"algo={algo}")
+    assert (tiny.algo.optim.lr, tiny.algo.optim.batch_size) == (1e-4, 8)  # the tiny model's values, as before
+    hf = compose(f"algo={algo}", *HF)
+    hf_yaml = OmegaConf.load(CONF / "generator" / "hf.yaml").optim_by_family[family]
+    assert (hf.algo.optim.lr, hf.algo.optim.batch_size) == (hf_yaml.lr, hf_yaml.batch_size)
+    assert hf.algo.optim.lr <= 2e-5  # a pretrained model is not trained at the tiny model's 1e-4
+
+
+def test_pretrained_defaults_lengths_and_overrides(compose):
+    cfg = compose(*HF)
+    assert (cfg.generator.max_length, cfg.generator.max_prompt_length) == (1024, 512)
+    assert cfg.generator.sft.lr == 2e-5
+    assert compose(*HF, "algo.optim.lr=3e-6").algo.optim.lr == 3e-6  # an explicit value wins
+    tiny = compose()
+    assert (tiny.generator.max_length, tiny.generator.max_prompt_length, tiny.generator.sft.lr) == (192, 96, 3e-3)
+
+
+def test_task_transcripts_is_checked(compose):
+    cfg = compose("task=preference_files", "task.train=/some/train.jsonl", "task.transcripts=text")
+    with pytest.raises(ConfigError, match="task.transcripts='text' is not valid; choose one of: chat, raw"):
+        validate(cfg)

@@ -5,6 +5,8 @@ from rlmf.data.collate import (
     FeedbackCollator,
     PairCollator,
     PromptCollator,
+    describe_rendering,
+    log_data_report,
     tokenize_feedback,
     tokenize_pairs,
     tokenize_prompts,
@@ -21,6 +23,7 @@ from rlmf.data.formats import (
     parse_feedback_row,
     parse_pair_row,
     parse_prompt_row,
+    parse_transcript,
     render_messages,
 )
 from rlmf.data.sources import LoadReport, load_feedback, load_pairs, load_prompts, read_rows, write_jsonl

@@ -189,6 +189,36 @@ def _prompt_texts(prompts: Sequence[PromptOnly], tokenizer) -> List[str]:
             for index, p in enumerate(prompts)]
 
 
+def describe_rendering(rows: Sequence[Any], tokenizer) -> str:
+    """For the data report: which text the rows' prompts become (the chat template, HH text or the rows' own
+    text) and the first prompt as tokenised (the bos id, not shown, goes first)."""
+    if not rows:
+        return "no rows"
+    chat = any(row.prompt_messages is not None for row in rows)
+    how = ("the tokenizer's chat template" if chat and uses_chat_template(tokenizer)
+           else "HH text (the tokenizer has no chat template)" if chat else "the rows' own text (no messages)")
+    first = _prompt_texts([PromptOnly(rows[0].prompt, rows[0].prompt_messages)], tokenizer)[0]
+    return f"prompts rendered with {how}; the first: {first!r}"
+
+
+TRUNCATION_WARNING = 0.1  # the data report warns when more than this fraction of prompts or completions lose tokens
+
+
+def log_data_report(what: str, rows: Sequence[Any], tokenizer, counts: DropCounts) -> None:
+    """Log what tokenisation did to ``rows`` (:class:`DropCounts`, the rendering and one rendered prompt), and warn
+    when more than :data:`TRUNCATION_WARNING` of the prompts or of the completions were truncated."""
+    log.info("%s: %s", what, counts)
+    log.info("%s: %s", what, describe_rendering(rows, tokenizer))
+    n_rows = len(rows)
+    n_completions = n_rows * (2 if rows and isinstance(rows[0], PreferencePair) else 1)
+    for kind, cut, total, limit in (("prompts", counts.prompt_truncated, n_rows, "generator.max_prompt_length"),
+                                    ("completions", counts.completion_truncated, n_completions,
+                                     "generator.max_length")):
+        if total and cut / total > TRUNCATION_WARNING:
+            log.warning("%s: %d of %d %s (%.0f%%) were truncated; raise %s if they matter", what, cut, total, kind,
+                        100 * cut / total, limit)
+
+
 # Token ids
 
 

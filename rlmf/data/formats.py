@@ -28,6 +28,11 @@ Accepted preference rows (:func:`parse_pair_row`):
 4. ``chosen`` / ``rejected`` full HH transcripts and no ``prompt``: the prompt is their shared text up to and
    including the last ``"\\n\\nAssistant:"``.
 
+HH transcripts become conversations: a text row whose prompt is an HH transcript (it starts with a role tag such as
+``"\n\nHuman:"`` and ends with ``"\n\nAssistant:"``, one turn or many) keeps its strings and also gets its messages,
+parsed from the turns by :func:`parse_transcript`, so an instruct model's chat template renders it like any chat row.
+``transcripts="raw"`` (the config's ``task.transcripts``) keeps such rows as plain text.
+
 Feedback rows (:func:`parse_feedback_row`) are ``prompt``, ``completion`` (strings, or messages as above) and
 ``label`` (a bool, or 0/1). Prompt rows (:func:`parse_prompt_row`) need only ``prompt``; a preference row also works
 (its prompt is used). Other fields are ignored.
@@ -40,12 +45,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
 ROLE_TAGS = {"system": "\n\nSystem:", "user": HUMAN, "assistant": ASSISTANT}
+# How text rows that are HH transcripts are read: as conversations (messages kept beside the text) or as raw text.
+TRANSCRIPTS = ("chat", "raw")
+_TAG_PATTERN = re.compile("(" + "|".join(re.escape(tag) for tag in ROLE_TAGS.values()) + ")")
+_TAG_ROLES = {tag: role for role, tag in ROLE_TAGS.items()}
 
 
 class DataError(ValueError):
@@ -60,6 +70,7 @@ class Message(NamedTuple):
 
 
 Messages = Tuple[Message, ...]
+T = TypeVar("T")
 
 
 def messages_to_dicts(messages: Sequence[Message]) -> List[Dict[str, str]]:
@@ -193,6 +204,33 @@ def render_messages(messages: Sequence[Mapping[str, str]], *, add_generation_pro
     return text + ASSISTANT if add_generation_prompt else text
 
 
+def parse_transcript(text: str) -> Optional[List[Dict[str, str]]]:
+    """The turns of an HH-style transcript as messages, or ``None`` when ``text`` does not start with a role tag.
+
+    ``"\\n\\nHuman: Hi\\n\\nAssistant: Hello"`` -> ``[{"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello"}]``: tags as in :data:`ROLE_TAGS`, contents stripped of surrounding
+    whitespace (a prompt's final ``"\\n\\nAssistant:"`` is a last, empty assistant turn).
+    """
+    parts = _TAG_PATTERN.split(text)
+    if parts[0].strip() or len(parts) < 3:  # text before the first tag, or no tag at all: not a transcript
+        return None
+    return [{"role": _TAG_ROLES[tag], "content": content.strip()} for tag, content in zip(parts[1::2], parts[2::2])]
+
+
+def _as_conversation(example: T, completion_fields: Sequence[str], transcripts: str) -> T:
+    """A text example whose prompt is an HH transcript waiting for the assistant's reply, with its messages parsed
+    from the turns (``transcripts == "chat"``); any other example as it is."""
+    if transcripts not in TRANSCRIPTS:
+        raise ValueError(f"transcripts={transcripts!r} is not one of {TRANSCRIPTS}")
+    if transcripts == "raw" or example.prompt_messages is not None or not example.prompt.endswith(ASSISTANT):
+        return example
+    prompt_messages = (parse_transcript(example.prompt) or [])[:-1]  # less the empty turn the reply fills
+    if not prompt_messages or prompt_messages[-1]["role"] == "assistant":
+        return example
+    replies = {f"{name}_messages": parse_transcript(ASSISTANT + getattr(example, name)) for name in completion_fields}
+    return dataclasses.replace(example, prompt_messages=prompt_messages, **replies)
+
+
 def _completion_text(messages: Sequence[Mapping[str, str]]) -> str:
     """The text a reply adds after a prompt that ends with ``"\\n\\nAssistant:"`` (messages[0] is the assistant)."""
     return render_messages(messages)[len(ASSISTANT):]
@@ -303,10 +341,10 @@ def _parse_weight(row: Mapping[str, Any]) -> float:
     return float(weight)
 
 
-def parse_pair_row(row: Mapping[str, Any]) -> PreferencePair:
+def parse_pair_row(row: Mapping[str, Any], transcripts: str = "chat") -> PreferencePair:
     """A :class:`PreferencePair` from a row in any format listed in the module docstring (with an optional
-    ``weight``); :class:`DataError` naming the field otherwise."""
-    pair = _parse_pair_fields(row)
+    ``weight``); :class:`DataError` naming the field otherwise. ``transcripts``: see :data:`TRANSCRIPTS`."""
+    pair = _as_conversation(_parse_pair_fields(row), ("chosen", "rejected"), transcripts)
     return dataclasses.replace(pair, weight=_parse_weight(row)) if "weight" in row else pair
 
 
@@ -382,10 +420,11 @@ def _parse_label(row: Mapping[str, Any]) -> bool:
     raise DataError(f"field 'label' must be a bool or 0/1, got {shown}")
 
 
-def parse_feedback_row(row: Mapping[str, Any]) -> FeedbackExample:
+def parse_feedback_row(row: Mapping[str, Any], transcripts: str = "chat") -> FeedbackExample:
     """A :class:`FeedbackExample` from a ``prompt`` / ``completion`` / ``label`` row (strings, or messages with a
-    completion starting at the assistant's reply), with an optional ``weight``."""
-    example = _parse_feedback_fields(row)
+    completion starting at the assistant's reply), with an optional ``weight``; ``transcripts``: see
+    :data:`TRANSCRIPTS`."""
+    example = _as_conversation(_parse_feedback_fields(row), ("completion",), transcripts)
     return dataclasses.replace(example, weight=_parse_weight(row)) if "weight" in row else example
 
 
@@ -405,15 +444,16 @@ def _parse_feedback_fields(row: Mapping[str, Any]) -> FeedbackExample:
     return FeedbackExample(prompt_text, texts["completion"], desirable, prompt, replies["completion"])
 
 
-def parse_prompt_row(row: Mapping[str, Any]) -> PromptOnly:
+def parse_prompt_row(row: Mapping[str, Any], transcripts: str = "chat") -> PromptOnly:
     """A :class:`PromptOnly` from a row with ``prompt`` (a string, or messages rendered with the generation prompt
-    appended and kept), or from a preference row without one (HH transcripts or conversations)."""
+    appended and kept), or from a preference row without one (HH transcripts or conversations); ``transcripts``:
+    see :data:`TRANSCRIPTS`."""
     if not isinstance(row, Mapping):
         raise DataError(f"row must be an object with fields, got {_type_name(row)}")
     if ("prompt" not in row or row["prompt"] is None) and "chosen" in row:
-        pair = parse_pair_row(row)
+        pair = parse_pair_row(row, transcripts)
         return PromptOnly(pair.prompt, pair.prompt_messages)
     prompt = _text_or_messages(row, "prompt", _PROMPT_NEEDS)
     if isinstance(prompt, str):
-        return PromptOnly(_check_prompt(prompt))
+        return _as_conversation(PromptOnly(_check_prompt(prompt)), (), transcripts)
     return PromptOnly(_chat_prompt(prompt), prompt)

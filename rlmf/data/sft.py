@@ -17,12 +17,16 @@ from rlmf.data.formats import FeedbackExample
 from rlmf.data.loading import EpochBatchSampler, RowsDataModule
 
 
+def sft_rows(examples: Sequence[Union[Tuple[str, str], FeedbackExample]]) -> List[FeedbackExample]:
+    """(prompt, completion) pairs as :class:`FeedbackExample` rows; rows already of that kind as they are."""
+    return [e if isinstance(e, FeedbackExample) else FeedbackExample(e[0], e[1], True) for e in examples]
+
+
 def tokenize_sft(examples: Sequence[Union[Tuple[str, str], FeedbackExample]], tokenizer, max_length: int,
                  max_prompt_length: int) -> List[Dict[str, Any]]:
     """``{"prompt_ids", "completion_ids"}`` per (prompt, completion) pair or :class:`FeedbackExample` (whose chat
     messages render through the tokenizer's chat template), truncated like every other row format."""
-    rows = [e if isinstance(e, FeedbackExample) else FeedbackExample(e[0], e[1], True) for e in examples]
-    features, _ = tokenize_feedback(rows, tokenizer, max_length, max_prompt_length)
+    features, _ = tokenize_feedback(sft_rows(examples), tokenizer, max_length, max_prompt_length)
     return features
 
 
@@ -48,7 +52,7 @@ class SFTDataModule(RowsDataModule):
 
     def __init__(self, train: Sequence[Any], validation: Sequence[Any], tokenizer, batch_size: int, max_length: int,
                  max_prompt_length: int, seed: int = 0, num_workers: int = 0, max_tokens: Optional[int] = None):
-        train_rows = tokenize_sft(train, tokenizer, max_length, max_prompt_length)
+        train_rows, self.drops = tokenize_feedback(sft_rows(train), tokenizer, max_length, max_prompt_length)
         val_rows = tokenize_sft(validation, tokenizer, max_length, max_prompt_length)
         super().__init__(train_rows, val_rows, FeedbackCollator(tokenizer.pad_token_id), batch_size, seed=seed,
                          num_workers=num_workers, lengths=_lengths(train_rows), max_tokens=max_tokens)

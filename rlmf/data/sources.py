@@ -19,6 +19,7 @@ row stops the run before training with a :class:`~rlmf.data.formats.DataError` s
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -198,22 +199,28 @@ def _load(parse: Callable[[Dict[str, Any]], T], source: PathLike, split: Optiona
 
 
 def load_pairs(source: PathLike, *, split: Optional[str] = "train", subset: Optional[str] = None,
-               data_dir: Optional[str] = None, on_bad_row: str = "error") -> Tuple[List[PreferencePair], LoadReport]:
-    """Every row of ``source`` as a :class:`PreferencePair` (formats: :func:`~rlmf.data.formats.parse_pair_row`)."""
-    return _load(parse_pair_row, source, split, subset, data_dir, on_bad_row)
+               data_dir: Optional[str] = None, on_bad_row: str = "error", transcripts: str = "chat"
+               ) -> Tuple[List[PreferencePair], LoadReport]:
+    """Every row of ``source`` as a :class:`PreferencePair` (formats: :func:`~rlmf.data.formats.parse_pair_row`;
+    HH transcripts read as conversations unless ``transcripts="raw"``)."""
+    return _load(functools.partial(parse_pair_row, transcripts=transcripts), source, split, subset, data_dir,
+                 on_bad_row)
 
 
 def load_feedback(source: PathLike, *, split: Optional[str] = "train", subset: Optional[str] = None,
-                  data_dir: Optional[str] = None, on_bad_row: str = "error"
+                  data_dir: Optional[str] = None, on_bad_row: str = "error", transcripts: str = "chat"
                   ) -> Tuple[List[FeedbackExample], LoadReport]:
     """Every row of ``source`` as a :class:`FeedbackExample` (``prompt`` / ``completion`` / ``label`` rows)."""
-    return _load(parse_feedback_row, source, split, subset, data_dir, on_bad_row)
+    return _load(functools.partial(parse_feedback_row, transcripts=transcripts), source, split, subset, data_dir,
+                 on_bad_row)
 
 
 def load_prompts(source: PathLike, *, split: Optional[str] = "train", subset: Optional[str] = None,
-                 data_dir: Optional[str] = None, on_bad_row: str = "error") -> Tuple[List[PromptOnly], LoadReport]:
+                 data_dir: Optional[str] = None, on_bad_row: str = "error", transcripts: str = "chat"
+                 ) -> Tuple[List[PromptOnly], LoadReport]:
     """Every row of ``source`` as a :class:`PromptOnly` (``prompt`` rows, or the prompts of preference rows)."""
-    return _load(parse_prompt_row, source, split, subset, data_dir, on_bad_row)
+    return _load(functools.partial(parse_prompt_row, transcripts=transcripts), source, split, subset, data_dir,
+                 on_bad_row)
 
 
 # ---------------------------------------------------------------------------------------------------------------

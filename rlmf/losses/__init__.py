@@ -79,6 +79,16 @@ def loss_inputs(name: str) -> tuple:
     )
 
 
+FAMILIES = ("preference", "online", "sft")
+
+
+def loss_family(name: str) -> str:
+    """The family whose optimisation defaults a loss takes (``generator.optim_by_family``): ``online`` for the online
+    objectives, ``sft`` for maximum likelihood, ``preference`` for every offline preference or feedback loss."""
+    data_format = get_loss(name).data_format
+    return data_format if data_format in ("online", "sft") else "preference"
+
+
 def takes_weights(name: str) -> bool:
     """Whether a loss takes the optional per-example ``weights`` [B] (every offline loss does)."""
     return "weights" in inspect.signature(get_loss(name)).parameters

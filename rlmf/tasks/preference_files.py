@@ -29,9 +29,11 @@ class PreferenceFilesTask(Task):
         if split not in self._pairs:
             t = self.cfg
             if split == "eval" and t.eval:
-                rows, report = load_pairs(t.eval, split=t.eval_split, subset=t.subset, on_bad_row=t.on_bad_row)
+                rows, report = load_pairs(t.eval, split=t.eval_split, subset=t.subset, on_bad_row=t.on_bad_row,
+                                         transcripts=t.transcripts)
             else:
-                rows, report = load_pairs(t.train, split=t.split, subset=t.subset, on_bad_row=t.on_bad_row)
+                rows, report = load_pairs(t.train, split=t.split, subset=t.subset, on_bad_row=t.on_bad_row,
+                                         transcripts=t.transcripts)
                 if not t.eval:
                     n_eval = max(1, len(rows) // 10)
                     rows = rows[-n_eval:] if split == "eval" else rows[:-n_eval]

@@ -279,3 +279,49 @@ def test_drop_counts_do_not_count_boundary_mismatches_as_drops():
     counts = DropCounts(kept=2, empty_completion=1, identical=1, boundary_mismatch=5)
     assert counts.dropped == 2
     assert counts.as_dict()["data/boundary_mismatch"] == 5
+
+
+# HH transcripts through the template, and the data report
+
+
+def test_hh_transcript_renders_like_the_same_chat_row(chatml):
+    """An HH transcript row tokenises exactly as the TRL chat row with the same turns (the template applies)."""
+    hh = parse_pair_row({"chosen": "\n\nHuman: Name a colour.\n\nAssistant: Blue.",
+                         "rejected": "\n\nHuman: Name a colour.\n\nAssistant: No."})
+    assert tokenize_pairs([hh], chatml, None, None)[0] == tokenize_pairs([parse_pair_row(TRL_ROW)], chatml, None,
+                                                                         None)[0]
+    raw = parse_pair_row({"chosen": "\n\nHuman: Name a colour.\n\nAssistant: Blue.",
+                          "rejected": "\n\nHuman: Name a colour.\n\nAssistant: No."}, transcripts="raw")
+    (f,), _ = tokenize_pairs([raw], chatml, None, None)
+    assert f["prompt_ids"] == [chatml.bos_token_id] + enc(chatml, "\n\nHuman: Name a colour.\n\nAssistant:")
+
+
+def test_data_report_names_the_rendering_and_shows_a_prompt(chatml, plain, caplog):
+    from rlmf.data.collate import describe_rendering
+
+    chat = [parse_pair_row(TRL_ROW)]
+    assert describe_rendering(chat, chatml) == f"prompts rendered with the tokenizer's chat template; the first: " \
+                                               f"{PROMPT_RENDER!r}"
+    assert describe_rendering(chat, plain).startswith("prompts rendered with HH text (the tokenizer has no chat "
+                                                      "template); the first: '\\n\\nHuman: Name a colour.")
+    text = [PreferencePair("Q: colour?\nA:", " Blue", " No")]
+    assert describe_rendering(text, chatml) == "prompts rendered with the rows' own text (no messages); the first: " \
+                                               "'Q: colour?\\nA:'"
+
+
+def test_data_report_warns_when_more_than_a_tenth_is_truncated(plain, caplog):
+    from rlmf.data.collate import log_data_report
+
+    long_prompt = PreferencePair("\n\nHuman: " + "word " * 40 + "\n\nAssistant:", " Blue.", " No.")
+    short = PreferencePair("\n\nHuman: Hi\n\nAssistant:", " Blue.", " No.")
+    for n_long, warned in ((1, False), (2, True)):  # 1 of 10 is not more than a tenth; 2 of 10 is
+        rows = [long_prompt] * n_long + [short] * (10 - n_long)
+        _, counts = tokenize_pairs(rows, plain, 64, 16)
+        assert counts.prompt_truncated == n_long
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="rlmf.data.collate"):
+            log_data_report("alignment data", rows, plain, counts)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings == ([f"alignment data: 2 of 10 prompts (20%) were truncated; raise "
+                             "generator.max_prompt_length if they matter"] if warned else [])
+        assert any("prompts rendered with the rows' own text" in r.getMessage() for r in caplog.records)

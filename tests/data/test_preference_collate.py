@@ -148,7 +148,7 @@ def test_collators_need_a_pad_id():
 def test_file_to_batch(tiny_tokenizer, tmp_path):
     path = tmp_path / "hh.jsonl"
     write_jsonl(path, [{"chosen": p.prompt + p.chosen, "rejected": p.prompt + p.rejected} for p in PAIRS[:2]])
-    pairs, _ = load_pairs(path)
+    pairs, _ = load_pairs(path, transcripts="raw")
     assert pairs == PAIRS[:2]
     features, _ = tokenize_pairs(pairs, tiny_tokenizer, 128, 64)
     batch = PairCollator(tiny_tokenizer.pad_token_id)(features)

@@ -11,6 +11,7 @@ from rlmf.data.formats import (
     parse_feedback_row,
     parse_pair_row,
     parse_prompt_row,
+    parse_transcript,
     render_messages,
 )
 
@@ -41,13 +42,14 @@ def test_string_pair():
 
 def test_hh_transcripts_split_at_last_shared_assistant_turn():
     row = {"chosen": HH_PROMPT + " Blue.", "rejected": HH_PROMPT + " I'd rather not."}
-    assert parse_pair_row(row) == EXPECTED
+    assert parse_pair_row(row, transcripts="raw") == EXPECTED
+    assert parse_pair_row(row) == EXPECTED_CHAT  # HH transcripts are read as conversations by default
 
 
 def test_hh_transcripts_whose_replies_share_a_start():
     # The shared text runs into the replies (" Blue" vs " Blue-green"); the prompt still ends at the marker.
     row = {"chosen": HH_PROMPT + " Blue.", "rejected": HH_PROMPT + " Blue-green."}
-    assert parse_pair_row(row) == PreferencePair(HH_PROMPT, " Blue.", " Blue-green.")
+    assert parse_pair_row(row, transcripts="raw") == PreferencePair(HH_PROMPT, " Blue.", " Blue-green.")
 
 
 def test_chat_prompt_with_assistant_replies_matches_hh():
@@ -95,7 +97,10 @@ def test_feedback_chat_row():
 def test_prompt_rows():
     assert parse_prompt_row({"prompt": "P:"}) == PromptOnly("P:")
     assert parse_prompt_row({"prompt": CHAT_PROMPT}) == PromptOnly(HH_PROMPT, CHAT_PROMPT)
-    assert parse_prompt_row({"chosen": HH_PROMPT + " a", "rejected": HH_PROMPT + " b"}) == PromptOnly(HH_PROMPT)
+    assert parse_prompt_row({"chosen": HH_PROMPT + " a", "rejected": HH_PROMPT + " b"}) == PromptOnly(HH_PROMPT,
+                                                                                                     CHAT_PROMPT)
+    assert parse_prompt_row({"prompt": HH_PROMPT}) == PromptOnly(HH_PROMPT, CHAT_PROMPT)
+    assert parse_prompt_row({"prompt": HH_PROMPT}, transcripts="raw") == PromptOnly(HH_PROMPT)
 
 
 def test_pairs_to_feedback():
@@ -104,7 +109,8 @@ def test_pairs_to_feedback():
 
 
 def test_to_row_round_trips():
-    assert parse_pair_row(EXPECTED.to_row()) == EXPECTED
+    assert parse_pair_row(EXPECTED.to_row(), transcripts="raw") == EXPECTED
+    assert parse_pair_row(EXPECTED_CHAT.to_row()) == EXPECTED_CHAT
     example = FeedbackExample("P:", " c", False)
     assert parse_feedback_row(example.to_row()) == example
     assert parse_prompt_row(PromptOnly("P:").to_row()) == PromptOnly("P:")
@@ -174,3 +180,46 @@ def test_bad_rows_name_the_field(parse, row, message):
         parse(row)
     assert str(info.value) == message
     assert isinstance(info.value, ValueError)
+
+
+# HH transcripts as conversations (task.transcripts=chat, the default)
+
+
+def test_parse_transcript_turns():
+    text = "\n\nSystem: Be brief.\n\nHuman:  Hi \n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant:"
+    assert parse_transcript(text) == [{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": "Hi"},
+                                      {"role": "assistant", "content": "Hello!"},
+                                      {"role": "user", "content": "Bye"},
+                                      {"role": "assistant", "content": ""}]
+    assert parse_transcript("Q: 2+2?\n\nAssistant:") is None  # text before the first tag: not a transcript
+    assert parse_transcript("no tags at all") is None
+
+
+def test_hh_replies_that_go_on_for_several_turns():
+    row = {"chosen": HH_PROMPT + " Blue.\n\nHuman: Why?\n\nAssistant: I like it.", "rejected": HH_PROMPT + " No."}
+    pair = parse_pair_row(row)
+    assert pair.prompt_messages == EXPECTED_CHAT.prompt_messages
+    assert [m.content for m in pair.chosen_messages] == ["Blue.", "Why?", "I like it."]
+    assert [m.role for m in pair.chosen_messages] == ["assistant", "user", "assistant"]
+    assert pair.chosen == " Blue.\n\nHuman: Why?\n\nAssistant: I like it."  # the text stays as it was
+
+
+def test_hh_prompt_field_and_feedback_rows_become_conversations():
+    pair = parse_pair_row({"prompt": HH_PROMPT, "chosen": " Blue.", "rejected": " I'd rather not."})
+    assert pair == EXPECTED_CHAT
+    example = parse_feedback_row({"prompt": HH_PROMPT, "completion": " Blue.", "label": 1})
+    assert example == FeedbackExample(HH_PROMPT, " Blue.", True, CHAT_PROMPT, [CHOSEN])
+    assert parse_feedback_row({"prompt": HH_PROMPT, "completion": " Blue.", "label": 1}, transcripts="raw") == \
+        FeedbackExample(HH_PROMPT, " Blue.", True)
+
+
+@pytest.mark.parametrize("prompt", ["Q: 2+2?\nA:", "Write an email.\n\nAssistant:",
+                                    "\n\nHuman: Hi\n\nAssistant: Hello\n\nAssistant:"])
+def test_text_that_is_not_an_hh_prompt_stays_text(prompt):
+    assert parse_pair_row({"prompt": prompt, "chosen": " a", "rejected": " b"}).prompt_messages is None
+
+
+def test_unknown_transcripts_mode_is_refused():
+    with pytest.raises(ValueError, match="transcripts='chatml' is not one of"):
+        parse_pair_row({"chosen": HH_PROMPT + " a", "rejected": HH_PROMPT + " b"}, transcripts="chatml")

@@ -215,9 +215,12 @@ def test_hub_subsets_from_readme_configs(tmp_path, offline_datasets):
         "- config_name: harmless\n  data_files:\n  - split: train\n    path: harmless/train-*\n"
         "- config_name: helpful\n  data_files:\n  - split: train\n    path: helpful/train-*\n"
         "---\n# HH-like\n")
-    pairs, _ = load_pairs(str(root), subset="helpful", split="train")
+    pairs, _ = load_pairs(str(root), subset="helpful", split="train", transcripts="raw")
     assert pairs == [PreferencePair("\n\nHuman: helpful?\n\nAssistant:", " yes", " no")]
-    assert load_prompts(str(root), subset="harmless")[0] == [PromptOnly("\n\nHuman: harmless?\n\nAssistant:")]
+    assert load_prompts(str(root), subset="harmless", transcripts="raw")[0] == [
+        PromptOnly("\n\nHuman: harmless?\n\nAssistant:")]
+    assert load_prompts(str(root), subset="harmless")[0] == [
+        PromptOnly("\n\nHuman: harmless?\n\nAssistant:", [{"role": "user", "content": "harmless?"}])]
     with pytest.raises(DataError, match=r"\(subset 'nope', split 'train'\): cannot load dataset: ValueError: .*nope"):
         load_pairs(str(root), subset="nope")
 
@@ -229,7 +232,7 @@ def test_hub_data_dir_folders(tmp_path, offline_datasets):
         (root / folder).mkdir(parents=True)
         write_lines(root / folder / "train.jsonl",
                     [json.dumps({"chosen": f"{HH} {folder}", "rejected": f"{HH} no"})])
-    pairs, report = load_pairs(str(root), data_dir="helpful-base")
+    pairs, report = load_pairs(str(root), data_dir="helpful-base", transcripts="raw")
     assert pairs == [PreferencePair(HH, " helpful-base", " no")]
     assert report.source == str(root)
     assert len(load_pairs(str(root))[0]) == 2  # without data_dir, every folder
