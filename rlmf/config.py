@@ -245,6 +245,9 @@ class EvaluateConfig:
     # Best-of-n sampling from the SFT model, the discriminator picking: gold reply rate, proxy reward and the analytic
     # KL log n - (n - 1) / n of each n listed (e.g. [1, 2, 4, 8, 16]; Gao et al. 2023). Empty: not measured.
     best_of_n: List[int] = field(default_factory=list)
+    # A saved discriminator (its model directory) that scores the held-out samples instead of the run's own: an
+    # independent judge, so a policy is not graded by the proxy it optimised. null: the run's discriminator, if any.
+    judge: Optional[str] = None
 
 
 @dataclass

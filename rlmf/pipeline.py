@@ -702,9 +702,15 @@ def standard_error(groups: List[List[float]]) -> float:
     return math.sqrt(sum((m - mean) ** 2 for m in means) / (len(means) - 1) / len(means))
 
 
-def evaluate_generator(run: Run, name: str, path: str | Path, prompts: List[Any], discriminator, reference
-                       ) -> Tuple[Dict[str, float], List[str]]:
-    """One generator's metrics on ``prompts`` and one sampled completion per prompt.
+def evaluate_generator(run: Run, name: str, path: str | Path, prompts: List[Any], discriminator, reference,
+                       start_name: Optional[str] = None
+                       ) -> Tuple[Dict[str, float], List[str], List[List[float]]]:
+    """One generator's metrics on ``prompts``, one sampled completion per prompt, and the discriminator's rewards of
+    every sample grouped by prompt (``[P][k]``; empty without a discriminator).
+
+    ``length/<name>``: mean sampled completion length in tokens. With held-out pairs (``task.preference_pairs``),
+    ``heldout/...`` metrics (:func:`rlmf.evaluation.pair_metrics`; the implicit-reward ones against ``reference``
+    for every generator but ``start_name``, the one alignment started from).
 
     ``gold/reply_rate_se/<name>`` (and ``_greedy_se``) is the standard error of the gold reply rate over the held-out
     prompts (:func:`standard_error`): the evaluation's own noise, against which differences between arms are read.
@@ -733,8 +739,17 @@ def evaluate_generator(run: Run, name: str, path: str | Path, prompts: List[Any]
         greedy_rates = gold_reply_rates(run, texts, greedy)
         metrics[f"gold/reply_rate_greedy/{name}"] = sum(greedy_rates) / len(greedy_rates)
         metrics[f"gold/reply_rate_greedy_se/{name}"] = standard_error([[r] for r in greedy_rates])
+    metrics[f"length/{name}"] = sum(len(c) for _, c in ids) / max(len(ids), 1)
+    rewards: List[List[float]] = []
     if discriminator is not None:
-        metrics[f"discriminator/reward/{name}"] = float(score(run, discriminator, sampled_prompts, sampled).mean())
+        flat = score(run, discriminator, sampled_prompts, sampled).float().cpu().tolist()
+        metrics[f"discriminator/reward/{name}"] = sum(flat) / len(flat)
+        rewards = [flat[i:i + k] for i in range(0, len(flat), k)]
+    pairs = run.task.preference_pairs("eval")
+    if pairs:
+        scored_reference = reference if name != start_name else None
+        metrics.update({f"heldout/{key}/{name}": value for key, value in
+                        heldout_pair_metrics(run, model, tokenizer, pairs, scored_reference).items()})
     if reference is not None and name != "initial":
         features = [{"prompt_ids": p, "completion_ids": c, "desirable": True} for p, c in ids if c]
         collate = FeedbackCollator(tokenizer.pad_token_id)
@@ -743,7 +758,27 @@ def evaluate_generator(run: Run, name: str, path: str | Path, prompts: List[Any]
                 batched_completion_logps(m, features, collate, temperature=g.temperature, packing=g.packing)
                 for m in (model, reference))
         metrics[f"kl/{name}"] = float((policy_logps - reference_logps).mean())
-    return metrics, sampled[::k]
+    return metrics, sampled[::k], rewards
+
+
+def heldout_pair_metrics(run: Run, model, tokenizer, pairs: List[Any], reference) -> Dict[str, float]:
+    """:func:`rlmf.evaluation.pair_metrics` of ``model`` on held-out ``pairs`` (tokenised as for training), with
+    the implicit reward against ``reference`` (``algo.loss.beta``, else 0.1) when it is given."""
+    from rlmf.data import FeedbackCollator, tokenize_pairs
+    from rlmf.evaluation import pair_metrics
+    from rlmf.logprobs import batched_completion_logps
+
+    g = run.cfg.generator
+    features, _ = tokenize_pairs(pairs, tokenizer, g.max_length, g.max_prompt_length)
+    rows = [{"prompt_ids": f["prompt_ids"], "completion_ids": f[side], "desirable": True}
+            for side in ("chosen_ids", "rejected_ids") for f in features]
+    collate = FeedbackCollator(tokenizer.pad_token_id)
+    with run.placement.inference():
+        logps = [batched_completion_logps(m, rows, collate, packing=g.packing).view(2, -1)
+                 for m in ([model] if reference is None else [model, reference])]
+    chosen_lengths = torch.tensor([len(f["chosen_ids"]) for f in features], dtype=torch.float32)
+    references = logps[1].unbind(0) if reference is not None else (None, None)
+    return pair_metrics(*logps[0].unbind(0), chosen_lengths, *references, beta=run.cfg.algo.loss.get("beta", 0.1))
 
 
 def best_of_n(run: Run, path: str | Path, prompts: List[Any], discriminator, ns: List[int]) -> Dict[str, float]:
@@ -780,31 +815,45 @@ def stage_evaluate(run: Run) -> Dict[str, Any]:
     """
     from rlmf.reference import model_fingerprint
 
+    from rlmf.evaluation import win_rate
+
     prompts = run.task.eval_prompts()
     discriminator_dir = run.finished_dir("discriminator")
-    discriminator = run.load_discriminator(discriminator_dir / "model") if discriminator_dir is not None else None
+    if run.cfg.evaluate.judge:  # an independent reward model judges instead of the run's own discriminator
+        discriminator_dir = Path(run.cfg.evaluate.judge).parent
+        discriminator = run.load_discriminator(Path(run.cfg.evaluate.judge))
+    else:
+        discriminator = run.load_discriminator(discriminator_dir / "model") if discriminator_dir is not None else None
     checkpoints = generator_checkpoints(run)
-    start = checkpoints.get("sft", checkpoints.get("initial"))
+    start_name = "sft" if "sft" in checkpoints else "initial" if "initial" in checkpoints else None
+    start = checkpoints.get(start_name)
     reference = run.load_generator(start)[0] if start is not None else None
     g = run.cfg.generator
-    settings = json.dumps(["metrics-v2", [p.to_row() for p in prompts],
+    settings = json.dumps(["metrics-v3", [p.to_row() for p in prompts],
                            run.task.setting("eval_samples_per_prompt", 1), g.max_new_tokens, g.temperature,
                            g.max_prompt_length, run.cfg.seed, run.task.name,
-                           str(discriminator_dir and discriminator_dir.resolve()),
+                           str(discriminator_dir and discriminator_dir.resolve()), run.cfg.evaluate.judge,
+                           [p.to_row() for p in run.task.preference_pairs("eval") or []], run.cfg.algo.loss.get("beta"),
+                           g.max_length,
                            start is not None and model_fingerprint(start), str(run.placement)])
     metrics: Dict[str, Any] = {}
     samples: Dict[str, List[str]] = {}
+    rewards: Dict[str, List[List[float]]] = {}
     out = run.stage_dir("evaluate")
     for name, path in checkpoints.items():
         key = hashlib.sha256((settings + name + model_fingerprint(path)).encode()).hexdigest()[:16]
         # Beside the checkpoint when it is a directory of ours, so sweeps sharing it evaluate it once.
         cache = (Path(path).parent if Path(path).is_dir() else out) / f"eval-{name}-{key}.json"
         if cache.exists():
-            result, samples[name] = json.loads(cache.read_text())
+            result, samples[name], rewards[name] = json.loads(cache.read_text())
         else:
-            result, samples[name] = evaluate_generator(run, name, path, prompts, discriminator, reference)
-            write_atomic(cache, json.dumps([result, samples[name]]))
+            result, samples[name], rewards[name] = evaluate_generator(run, name, path, prompts, discriminator,
+                                                                      reference, start_name)
+            write_atomic(cache, json.dumps([result, samples[name], rewards[name]]))
         metrics.update(result)
+    for name in checkpoints:  # head to head against the generator alignment started from, on the same prompts
+        if name != start_name and rewards.get(name) and rewards.get(start_name):
+            metrics[f"winrate/{name}"], metrics[f"winrate_ci95/{name}"] = win_rate(rewards[name], rewards[start_name])
     if run.cfg.evaluate.best_of_n and "sft" in checkpoints and discriminator is not None and run.task.has_gold:
         ns = sorted(set(run.cfg.evaluate.best_of_n))
         key = hashlib.sha256((settings + json.dumps(ns) + model_fingerprint(checkpoints["sft"])).encode()).hexdigest()
@@ -814,9 +863,15 @@ def stage_evaluate(run: Run) -> Dict[str, Any]:
         metrics.update(json.loads(cache.read_text()))
     out.mkdir(parents=True, exist_ok=True)
     texts = [p.prompt for p in prompts]
-    write_atomic(out / "samples.json", json.dumps({"prompts": texts, "samples": samples}, indent=2))
-    run.log_table("evaluate/samples", ["prompt"] + list(samples),
-                  [[p] + [samples[n][i] for n in samples] for i, p in enumerate(texts)])
+    first_rewards = {n: [r[0] for r in rewards[n]] for n in samples if rewards.get(n)}
+    write_atomic(out / "samples.json", json.dumps({"prompts": texts, "samples": samples, "rewards": first_rewards},
+                                                  indent=2))
+    table: Dict[str, List[Any]] = {"prompt": texts}  # side by side: each generator's sample and its reward
+    for n in samples:
+        table[n] = samples[n]
+        if n in first_rewards:
+            table[f"reward/{n}"] = first_rewards[n]
+    run.log_table("evaluate/samples", list(table), [list(row) for row in zip(*table.values())])
     mark_done(out, metrics)
     return metrics
 

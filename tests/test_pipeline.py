@@ -98,6 +98,17 @@ def test_bring_your_own_jsonl(compose, tmp_path):
     assert 0.0 <= summary["discriminator/accuracy"] <= 1.0
     assert summary["sft/train_examples"] == 24
     assert "discriminator/reward/aligned" in summary and "kl/aligned" in summary
+    # What changed, on the held-out pairs and prompts (rlmf.evaluation), for every generator the run has.
+    for name in ("initial", "sft", "aligned"):
+        assert 0.0 <= summary[f"heldout/preference_accuracy/{name}"] <= 1.0
+        assert summary[f"heldout/logps_per_token/chosen/{name}"] < 0
+        assert summary[f"length/{name}"] > 0
+    assert 0.0 <= summary["heldout/rewards/accuracies/aligned"] <= 1.0 and "heldout/rewards/margins/aligned" in summary
+    assert "heldout/rewards/accuracies/sft" not in summary, "the starting generator is its own reference"
+    assert 0.0 <= summary["winrate/aligned"] <= 1.0 and summary["winrate_ci95/aligned"] >= 0
+    assert "winrate/sft" not in summary
+    samples = json.loads((tmp_path / "run" / "evaluate" / "samples.json").read_text())
+    assert len(samples["samples"]["aligned"]) == len(samples["rewards"]["aligned"]) == 4
 
 
 def test_bad_row_stops_before_training_and_names_file_line_field(compose, tmp_path):
