@@ -67,6 +67,9 @@ class PreferenceFilesTaskConfig:
     # HH-RLHF transcripts ("\n\nHuman: ...\n\nAssistant: ..."): chat reads their turns as messages, rendered through
     # the tokenizer's chat template when it has one (as text otherwise); raw keeps the transcript text as it is.
     transcripts: str = "chat"
+    # [start, stop) of task.train's rows (0-based, as in Python slicing); null: every row. Without task.eval the
+    # held-out tenth is taken from these rows. Splits one file between uses, e.g. a judge's rows (evaluate.judge_rows).
+    rows: Optional[List[int]] = None
 
 
 @dataclass
@@ -248,6 +251,11 @@ class EvaluateConfig:
     # A saved discriminator (its model directory) that scores the held-out samples instead of the run's own: an
     # independent judge, so a policy is not graded by the proxy it optimised. null: the run's discriminator, if any.
     judge: Optional[str] = None
+    # Or train that judge here: a discriminator (the discriminator= config) on these [start, stop) rows of
+    # task.train, rows the policy and its reward model never see; shared by every job of a sweep (stage.cache_dir)
+    # and trained with judge_seed whatever the job's seed, so all arms and seeds are graded by the same judge.
+    judge_rows: Optional[List[int]] = None
+    judge_seed: int = 0
 
 
 @dataclass
@@ -300,6 +308,11 @@ class ConfigError(ValueError):
 def _choice(key: str, value: str, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}")
+
+
+def _check_rows(key: str, rows) -> None:
+    if rows is not None and (len(rows) != 2 or not 0 <= rows[0] < rows[1]):
+        raise ConfigError(f"{key}={list(rows)} must be [start, stop) with 0 <= start < stop")
 
 
 def _has_cuda() -> bool:
@@ -392,6 +405,12 @@ def validate(cfg: DictConfig) -> None:
 
         _choice("task.on_bad_row", cfg.task.on_bad_row, ("error", "skip"))
         _choice("task.transcripts", cfg.task.transcripts, TRANSCRIPTS)
+        _check_rows("task.rows", cfg.task.rows)
+    if cfg.evaluate.judge_rows is not None:
+        _check_rows("evaluate.judge_rows", cfg.evaluate.judge_rows)
+        if cfg.task.name != "preference_files" or cfg.evaluate.judge:
+            raise ConfigError("evaluate.judge_rows trains a judge on rows of task.train: it needs "
+                              "task=preference_files and no evaluate.judge (a judge already trained)")
     if cfg.get("reward") is not None:
         from rlmf.rewards import validate_reward_config
 

@@ -183,16 +183,18 @@ class Run:
 
 # --- stages shared between the jobs of a sweep (stage.cache_dir) -------------------------------------------------
 
-SHARED_STAGES = ("sft", "feedback", "discriminator")
+SHARED_STAGES = ("sft", "feedback", "discriminator", "judge")
 # ... and the align stage's round of machine feedback (rlmf.feedback.machine.round_feedback): the SFT model's samples
 # ranked by the reward, the same for every algorithm and loss setting of a seed.
-SHARED_STEPS = SHARED_STAGES + ("align_feedback",)
+SHARED_STEPS = ("sft", "feedback", "discriminator", "align_feedback")
 # The config each shared step reads, besides the steps before it (their keys are chained into its own). A task key
 # a stage never reads is left out, so that e.g. an ablation over task.align_prompts still shares the SFT model.
 STAGE_INPUTS = {
     "sft": ("seed", "task", "generator", "trainer"),
     "feedback": ("task", "loop.allocation", "loop.sends_per_prompt", "loop.weighting"),
     "discriminator": ("discriminator",),
+    # The evaluation's judge (evaluate.judge_rows) reads no earlier stage and not the job's seed: one per sweep.
+    "judge": ("discriminator", "task", "evaluate.judge_rows", "evaluate.judge_seed", "trainer"),
     "align_feedback": ("task", "reward", "feedback.pairs", "feedback.reviser", "feedback.reviser_path",
                        "feedback.chosen_rank"),
 }
@@ -201,6 +203,7 @@ UNREAD_TASK_KEYS = {
             "align_prompts", "align_samples_per_prompt"),
     "feedback": ("eval_samples_per_prompt", "align_prompts", "align_samples_per_prompt"),
     "align_feedback": ("eval_samples_per_prompt",),
+    "judge": ("eval_prompts", "eval_samples_per_prompt"),
 }
 # Trainer settings that change no result (display, logging cadence, data-loading processes).
 UNREAD_TRAINER_KEYS = ("progress_bar", "log_every_n_steps", "num_workers")
@@ -224,7 +227,7 @@ def stage_key(cfg: DictConfig, stage: str) -> str:
     """A content address for a shared stage: sha256 of its inputs and of the keys of the stages before it, so two
     jobs get the same key exactly when the stage would compute the same thing (the code is not part of the key:
     share a cache directory between sweeps only with unchanged code)."""
-    previous = SHARED_STEPS[:SHARED_STEPS.index(stage)]
+    previous = SHARED_STEPS[:SHARED_STEPS.index(stage)] if stage in SHARED_STEPS else ()
     blob = json.dumps({"stage": stage, "inputs": stage_inputs(cfg, stage),
                        "after": [stage_key(cfg, s) for s in previous]}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -499,8 +502,7 @@ def discriminator_kwargs(cfg: DictConfig) -> Dict[str, Any]:
 def stage_discriminator(run: Run) -> Dict[str, Any]:
     """Train the reward model on the recipients' A/B feedback (or thumbs); report held-out pairwise accuracy."""
     from rlmf.data import load_feedback, load_pairs, pairs_to_feedback
-    from rlmf.data.loading import RowsDataModule
-    from rlmf.modules.discriminator import Discriminator, pairwise_accuracy
+    from rlmf.modules.discriminator import Discriminator
 
     d = run.cfg.discriminator
     if run.task.preference_pairs("train") is not None:  # the task brings its pairs
@@ -523,10 +525,34 @@ def stage_discriminator(run: Run) -> Dict[str, Any]:
         module = Discriminator.load(run.for_round(run.round - 1).require("discriminator") / "model").train()
     else:
         module = Discriminator(**discriminator_kwargs(run.cfg))
-    data = RowsDataModule(train_rows, heldout, module.training_collator(), d.batch_size, seed=run.cfg.seed,
+    return fit_discriminator(run, "discriminator", module, train_rows, heldout, run.cfg.seed)
+
+
+def stage_judge(run: Run) -> Dict[str, Any]:
+    """The evaluation's independent judge (``evaluate.judge_rows``): a discriminator trained on those rows of
+    ``task.train``, which neither the policy nor its reward model trains on; held out: the task's eval pairs."""
+    from rlmf.data import pairs_to_feedback
+    from rlmf.modules.discriminator import Discriminator
+
+    rows = run.task.rows(run.cfg.evaluate.judge_rows)
+    train_rows = pairs_to_feedback(rows) if run.cfg.discriminator.objective == "thumbs" else rows
+    module = Discriminator(**discriminator_kwargs(run.cfg))
+    return fit_discriminator(run, "judge", module, train_rows, run.task.preference_pairs("eval"),
+                             run.cfg.evaluate.judge_seed)
+
+
+def fit_discriminator(run: Run, stage: str, module, train_rows: List[Any], heldout: List[Any], seed: int
+                      ) -> Dict[str, Any]:
+    """Train ``module`` on ``train_rows`` (batches drawn with ``seed``), save it in ``<stage dir>/model`` and
+    report its pairwise accuracy on ``heldout`` before and after, as ``<stage>/accuracy``."""
+    from rlmf.data.loading import RowsDataModule
+    from rlmf.modules.discriminator import pairwise_accuracy
+
+    d = run.cfg.discriminator
+    data = RowsDataModule(train_rows, heldout, module.training_collator(), d.batch_size, seed=seed,
                           num_workers=run.cfg.trainer.num_workers, val_collate=module.validation_collator())
     steps = stage_steps(run, d.max_epochs * data.batches_per_epoch())
-    trainer = make_trainer(run, "discriminator", steps, validate=bool(heldout))
+    trainer = make_trainer(run, stage, steps, validate=bool(heldout))
 
     def accuracy() -> float:
         if not heldout or not is_main_process():
@@ -536,11 +562,10 @@ def stage_discriminator(run: Run) -> Dict[str, Any]:
             return pairwise_accuracy(module, heldout)
 
     accuracy_before = accuracy()
-    fit(trainer, module, "discriminator", datamodule=data, ckpt_path=resume_checkpoint(run, "discriminator"))
-    out = run.stage_dir("discriminator")
-    metrics = {"discriminator/accuracy": accuracy(),
-               "discriminator/accuracy_before_training": accuracy_before,
-               "discriminator/train_rows": len(train_rows), "discriminator/steps": steps}
+    fit(trainer, module, stage, datamodule=data, ckpt_path=resume_checkpoint(run, stage))
+    out = run.stage_dir(stage)
+    metrics = {f"{stage}/accuracy": accuracy(), f"{stage}/accuracy_before_training": accuracy_before,
+               f"{stage}/train_rows": len(train_rows), f"{stage}/steps": steps}
     with main_process_first() as main:
         if main:
             module.save(out / "model")
@@ -819,9 +844,12 @@ def stage_evaluate(run: Run) -> Dict[str, Any]:
 
     prompts = run.task.eval_prompts()
     discriminator_dir = run.finished_dir("discriminator")
-    if run.cfg.evaluate.judge:  # an independent reward model judges instead of the run's own discriminator
-        discriminator_dir = Path(run.cfg.evaluate.judge).parent
-        discriminator = run.load_discriminator(Path(run.cfg.evaluate.judge))
+    judge = run.cfg.evaluate.judge
+    if judge is None and run.cfg.evaluate.judge_rows is not None:
+        judge = run.require("judge") / "model"
+    if judge:  # an independent reward model judges instead of the run's own discriminator
+        discriminator_dir = Path(judge).parent
+        discriminator = run.load_discriminator(Path(judge))
     else:
         discriminator = run.load_discriminator(discriminator_dir / "model") if discriminator_dir is not None else None
     checkpoints = generator_checkpoints(run)
@@ -882,6 +910,7 @@ STAGE_FUNCTIONS: Dict[str, Callable[[Run], Dict[str, Any]]] = {
     "discriminator": stage_discriminator,
     "align": stage_align,
     "evaluate": stage_evaluate,
+    "judge": stage_judge,  # not a stage a job lists: evaluate's judge, run before it when evaluate.judge_rows is set
 }
 
 
@@ -912,6 +941,8 @@ def run_pipeline(run: Run) -> Dict[str, Any]:
             if stage in wanted:
                 run.results.update({f"round{r}/{k}": v for k, v in _run_stage(later, stage).items()})
     if "evaluate" in wanted:
+        if run.cfg.evaluate.judge_rows is not None:
+            run.results.update(_run_stage(run, "judge"))
         run.results.update(_run_stage(run, "evaluate"))
     return run.results
 
@@ -941,7 +972,8 @@ def _run_stage_unshared(run: Run, stage: str, where: str) -> Dict[str, Any]:
         log.info("%s already finished in %s; reusing it", where, finished)
         return read_done(finished)
     log.info("%s: starting", where)
-    L.seed_everything(run.seed(STAGES.index(stage)), workers=True, verbose=False)
+    seed = run.cfg.evaluate.judge_seed if stage == "judge" else run.seed(STAGES.index(stage))
+    L.seed_everything(seed, workers=True, verbose=False)
     fn = STAGE_FUNCTIONS[stage]
     if stage in MAIN_PROCESS_STAGES:
         if not is_main_process():

@@ -111,6 +111,27 @@ def test_bring_your_own_jsonl(compose, tmp_path):
     assert len(samples["samples"]["aligned"]) == len(samples["rewards"]["aligned"]) == 4
 
 
+def test_an_independent_judge_grades_every_seed_the_same(compose, tmp_path):
+    """evaluate.judge_rows: a judge trained once per sweep on rows the policy and its reward model never see
+    (task.rows), shared by jobs of different seeds, and scoring the held-out samples instead of the proxy."""
+    from rlmf.config import ConfigError, validate
+
+    train = _write_jsonl(tmp_path / "pairs.jsonl", _preference_rows(40))
+    common = ("experiment=tiny_models", "task=preference_files", f"task.train={train}", "task.rows=[0,20]",
+              "evaluate.judge_rows=[20,40]", "task.eval_prompts=2", "stage.cache_dir=shared",
+              "stage.stages=[sft,discriminator,align,evaluate]")
+    summaries = [run_job(compose(*common, f"seed={seed}"), tmp_path / "sweep" / str(seed)) for seed in (0, 1)]
+    assert all(s["sft/train_examples"] == 18 for s in summaries)  # rows 0..19, less the held-out tenth
+    assert summaries[0]["judge/train_rows"] == summaries[1]["judge/train_rows"] == 20
+    assert summaries[0]["judge/accuracy"] == summaries[1]["judge/accuracy"]
+    judges = list((tmp_path / "sweep" / "shared").glob("judge-*/model"))
+    assert len(judges) == 1, "one judge for the sweep, whatever the seed"
+    for summary in summaries:
+        assert "winrate/aligned" in summary and "discriminator/reward/aligned" in summary
+    with pytest.raises(ConfigError, match="evaluate.judge_rows=\\[5, 2\\] must be"):
+        validate(compose(*common, "evaluate.judge_rows=[5,2]"))
+
+
 def test_bad_row_stops_before_training_and_names_file_line_field(compose, tmp_path):
     rows = _preference_rows(5)
     rows[2] = {"prompt": "x", "chosen": 3, "rejected": "y"}

@@ -20,26 +20,40 @@ class PreferenceFilesTask(Task):
         self._pairs: Dict[str, List[Any]] = {}
 
     def preference_pairs(self, split: str) -> List[Any]:
-        """Preference pairs of ``task.train`` (split "train") or ``task.eval`` (split "eval"), bad rows per config.
-
-        Without ``task.eval`` the last tenth of the training rows is held out.
-        """
-        from rlmf.data import load_pairs
-
+        """Preference pairs of ``task.train`` (split "train"; its ``task.rows`` when set) or ``task.eval`` (split
+        "eval"), bad rows per config. Without ``task.eval`` the last tenth of the training rows is held out."""
         if split not in self._pairs:
             t = self.cfg
             if split == "eval" and t.eval:
-                rows, report = load_pairs(t.eval, split=t.eval_split, subset=t.subset, on_bad_row=t.on_bad_row,
-                                         transcripts=t.transcripts)
+                rows = self._load(t.eval, t.eval_split)
             else:
-                rows, report = load_pairs(t.train, split=t.split, subset=t.subset, on_bad_row=t.on_bad_row,
-                                         transcripts=t.transcripts)
+                rows = self.rows(t.rows) if t.rows is not None else self._load(t.train, t.split)
                 if not t.eval:
                     n_eval = max(1, len(rows) // 10)
                     rows = rows[-n_eval:] if split == "eval" else rows[:-n_eval]
-            log.info("%s data: %s", split, report)
             self._pairs[split] = rows
         return self._pairs[split]
+
+    def rows(self, span) -> List[Any]:
+        """The pairs of ``task.train`` in ``span`` = [start, stop) (:class:`~rlmf.data.DataError` if it has fewer)."""
+        from rlmf.data import DataError
+
+        pairs = self._load(self.cfg.train, self.cfg.split)
+        start, stop = span
+        if stop > len(pairs):
+            raise DataError(f"{self.cfg.train}: rows [{start}, {stop}) asked for, but it has {len(pairs)} rows")
+        return pairs[start:stop]
+
+    def _load(self, source: str, split: str) -> List[Any]:
+        from rlmf.data import load_pairs
+
+        key = f"file:{source}:{split}"
+        if key not in self._pairs:
+            t = self.cfg
+            self._pairs[key], report = load_pairs(source, split=split, subset=t.subset, on_bad_row=t.on_bad_row,
+                                                  transcripts=t.transcripts)
+            log.info("data: %s", report)
+        return self._pairs[key]
 
     def corpus(self) -> List[str]:
         return [x for p in self.preference_pairs("train") for x in (p.prompt + p.chosen, p.prompt + p.rejected)]
