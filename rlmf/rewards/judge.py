@@ -100,7 +100,8 @@ class JudgeReward(Reward):
     """A causal-LM judge (see the module docstring for the two modes).
 
     Args:
-        name_or_path: the judge LM, loaded with :func:`rlmf.models.load_generator`.
+        name_or_path: the judge LM, loaded with :func:`rlmf.models.load_generator`: a hub name, a local directory
+            or a ``.gguf`` file (dequantised to a float model, :func:`rlmf.models.load_gguf`).
         mode: ``pointwise`` or ``pairwise``.
         template: the rubric (validated here); None: the mode's built-in template.
         min_score, max_score: pointwise: the valid range of the answer's number.
@@ -134,7 +135,8 @@ class JudgeReward(Reward):
             from rlmf.models import load_generator
 
             if not name_or_path:
-                raise RewardConfigError("judge needs name_or_path (the judge LM: a hub name or a local directory)")
+                raise RewardConfigError("judge needs name_or_path (the judge LM: a hub name, a local directory or "
+                                        "a .gguf file)")
             model, tokenizer = load_generator(name_or_path, torch_dtype=torch_dtype,
                                               attn_implementation=attn_implementation)
             self.model = place(model, self.placement, torch_dtype)

