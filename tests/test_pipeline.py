@@ -30,7 +30,10 @@ def test_quick_job_writes_config_checkpoints_summary_and_plot(compose, tmp_path)
     assert not (tmp_path / "eval" / "sft").exists(), "a finished stage must be reused, not re-run"
 
     # generator=hf takes any causal LM by name or local path: here the first job's SFT output.
-    cfg = compose("experiment=quick", "stage=sft", "generator=hf", f"generator.name_or_path={run}/sft/generator")
+    # Same lengths as the first job (generator=hf brings the longer ones a pretrained model needs).
+    g = compose("experiment=quick").generator
+    cfg = compose("experiment=quick", "stage=sft", "generator=hf", f"generator.name_or_path={run}/sft/generator",
+                  f"generator.max_length={g.max_length}", f"generator.max_prompt_length={g.max_prompt_length}")
     hf = run_job(cfg, tmp_path / "hf")
     assert hf["sft/val_loss_before"] == pytest.approx(saved["sft/val_loss_after"], rel=1e-4)
 
