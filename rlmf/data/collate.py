@@ -191,13 +191,14 @@ def _prompt_texts(prompts: Sequence[PromptOnly], tokenizer) -> List[str]:
 
 def describe_rendering(rows: Sequence[Any], tokenizer) -> str:
     """For the data report: which text the rows' prompts become (the chat template, HH text or the rows' own
-    text) and the first prompt as tokenised (the bos id, not shown, goes first)."""
+    text) and the first prompt as the model reads it (the bos text first, where the tokenizer has one)."""
     if not rows:
         return "no rows"
     chat = any(row.prompt_messages is not None for row in rows)
     how = ("the tokenizer's chat template" if chat and uses_chat_template(tokenizer)
            else "HH text (the tokenizer has no chat template)" if chat else "the rows' own text (no messages)")
-    first = _prompt_texts([PromptOnly(rows[0].prompt, rows[0].prompt_messages)], tokenizer)[0]
+    bos = tokenizer.bos_token if tokenizer.bos_token_id is not None else ""
+    first = bos + _prompt_texts([PromptOnly(rows[0].prompt, rows[0].prompt_messages)], tokenizer)[0]
     return f"prompts rendered with {how}; the first: {first!r}"
 
 

@@ -301,12 +301,12 @@ def test_data_report_names_the_rendering_and_shows_a_prompt(chatml, plain, caplo
 
     chat = [parse_pair_row(TRL_ROW)]
     assert describe_rendering(chat, chatml) == f"prompts rendered with the tokenizer's chat template; the first: " \
-                                               f"{PROMPT_RENDER!r}"
+                                               f"{'<s>' + PROMPT_RENDER!r}"
     assert describe_rendering(chat, plain).startswith("prompts rendered with HH text (the tokenizer has no chat "
-                                                      "template); the first: '\\n\\nHuman: Name a colour.")
+                                                      "template); the first: '<s>\\n\\nHuman: Name a colour.")
     text = [PreferencePair("Q: colour?\nA:", " Blue", " No")]
     assert describe_rendering(text, chatml) == "prompts rendered with the rows' own text (no messages); the first: " \
-                                               "'Q: colour?\\nA:'"
+                                               "'<s>Q: colour?\\nA:'"
 
 
 def test_data_report_warns_when_more_than_a_tenth_is_truncated(plain, caplog):
