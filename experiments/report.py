@@ -44,7 +44,33 @@ EXTRA_METRICS = {
 }
 SFT_METRICS = {"gold reply rate": "gold/reply_rate/sft", "greedy": "gold/reply_rate_greedy/sft",
                "discriminator reward": "discriminator/reward/sft"}
-PLOTS = {"dpo_beta": "frontier", "hypo_vs_dpo": "frontier", "overoptimization": "frontier"}
+# A real model on real pairs (experiment=smollm2_hh) has no gold metric: an independent judge, held-out pairs, KL and
+# length instead, beside the starting generator's values ("initial": alignment starts from the checkpoint itself).
+REAL_MODEL_METRICS = (
+    ("win rate vs start", "winrate/aligned"), ("judge reward", "discriminator/reward/aligned"),
+    ("start's judge reward", "discriminator/reward/initial"),
+    ("preference accuracy", "heldout/preference_accuracy/aligned"),
+    ("start's preference accuracy", "heldout/preference_accuracy/initial"),
+    ("rewards/accuracies", "heldout/rewards/accuracies/aligned"), ("rewards/margins", "heldout/rewards/margins/aligned"),
+    ("KL vs start", "kl/aligned"), ("length", "length/aligned"), ("start's length", "length/initial"),
+    ("proxy RM accuracy", "discriminator/accuracy"), ("judge accuracy", "judge/accuracy"))
+COLUMNS = {"smollm2_hh": REAL_MODEL_METRICS}
+CAPTIONS = {"smollm2_hh": "Held-out HH pairs and their prompts; the judge is a reward model trained on pairs neither "
+                          "the policy nor its proxy saw. Win rate: the aligned model's sample against the starting "
+                          "model's, a tie 1/2."}
+# The per-job table: (title, summary key) columns
+JOB_COLUMNS = (("gold reply rate", "gold/reply_rate/aligned"), ("SE", "gold/reply_rate_se/aligned"),
+               ("KL vs SFT", "kl/aligned"))
+REAL_MODEL_JOB_COLUMNS = (("win rate", "winrate/aligned"), ("95% ±", "winrate_ci95/aligned"),
+                          ("preference accuracy", "heldout/preference_accuracy/aligned"), ("KL vs start", "kl/aligned"),
+                          ("length", "length/aligned"), ("proxy RM accuracy", "discriminator/accuracy"),
+                          ("judge accuracy", "judge/accuracy"))
+# The panels of a "panels" plot: (title, summary key of the arms, what to draw the line at: a number or a key)
+PANELS = {"smollm2_hh": (("win rate vs start (judge)", "winrate/aligned", 0.5),
+                         ("held-out preference accuracy", "heldout/preference_accuracy/aligned",
+                          "heldout/preference_accuracy/initial"),
+                         ("mean sample length (tokens)", "length/aligned", "length/initial"))}
+PLOTS = {"dpo_beta": "frontier", "hypo_vs_dpo": "frontier", "overoptimization": "frontier", "smollm2_hh": "panels"}
 # Two-sided 95% quantiles of Student's t, t(0.975, df), df = 1..30 (to 6 decimals; above 30 see t_quantile)
 T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
         2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
@@ -161,7 +187,7 @@ def sft_rows(jobs: List[Job]) -> Dict[str, List[float]]:
 
 
 def columns(experiment: Optional[str]) -> Tuple[Tuple[str, Optional[str]], ...]:
-    return METRICS + EXTRA_METRICS.get(experiment or "", ())
+    return COLUMNS.get(experiment or "", METRICS) + EXTRA_METRICS.get(experiment or "", ())
 
 
 def table_rows(cells: List[Cell], jobs: List[Job], experiment: Optional[str]) -> List[Dict]:
@@ -204,20 +230,27 @@ def summary_table(rows: List[Dict], experiment: Optional[str]) -> str:
     for row in rows:
         lines.append(f"| {row['cell']} | {len(row['seeds'])} | " + " | ".join(fmt(*row[t]) for t in titles) + " |")
     lines += ["", "Mean ± half-width of the 95% Student-t confidence interval over seeds (t(0.975, n-1) · sd / "
-              "sqrt(n)); gain over SFT: paired per seed. Held-out personas."]
+              "sqrt(n))" + (f". {CAPTIONS[experiment]}" if experiment in CAPTIONS
+                            else "; gain over SFT: paired per seed. Held-out personas.")]
     return "\n".join(lines)
 
 
-def markdown(table: str, jobs: List[Job], cells: List[Cell], missing: List[Path]) -> str:
-    """The summary ``table``, then one line per job with its evaluation's standard error."""
+def job_columns(experiment: Optional[str]) -> Tuple[Tuple[str, str], ...]:
+    return REAL_MODEL_JOB_COLUMNS if experiment in COLUMNS else JOB_COLUMNS
+
+
+def markdown(table: str, jobs: List[Job], cells: List[Cell], missing: List[Path],
+             experiment: Optional[str] = None) -> str:
+    """The summary ``table``, then one line per job (with its evaluation's own noise where the metric has one)."""
     lines = [table, ""]
-    lines += ["Per job (SE: standard error of the gold reply rate over the held-out prompts, the evaluation's "
-              "own noise):", "", "| job | arm | seed | gold reply rate | SE | KL vs SFT |", "|---|---|---|---|---|---|"]
+    titles = [t for t, _ in job_columns(experiment)]
+    lines += [("Per job:" if experiment in COLUMNS else "Per job (SE: standard error of the gold reply rate over the "
+               "held-out prompts, the evaluation's own noise):"), "",
+              "| job | arm | seed | " + " | ".join(titles) + " |", "|---" * (len(titles) + 3) + "|"]
     cell_of = {j.number: c.name for c in cells for j in c.jobs}
     for j in jobs:
-        s = j.summary
-        lines.append(f"| {j.number} | {cell_of[j.number]} | {j.seed} | {s.get('gold/reply_rate/aligned', math.nan):.3f}"
-                     f" | {s.get('gold/reply_rate_se/aligned', math.nan):.3f} | {s.get('kl/aligned', math.nan):.3f} |")
+        values = " | ".join(f"{j.summary.get(key, math.nan):.3f}" for _, key in job_columns(experiment))
+        lines.append(f"| {j.number} | {cell_of[j.number]} | {j.seed} | {values} |")
     if missing:
         lines += ["", f"Not finished (no summary.json): {', '.join(p.name for p in missing)}"]
     return "\n".join(lines)
@@ -237,10 +270,13 @@ def write_csv(rows: List[Dict], experiment: Optional[str], path: Path) -> None:
             out.writerow([row["cell"], len(row["seeds"]), " ".join(map(str, row["seeds"]))] + cells)
 
 
-def write_jobs_csv(jobs: List[Job], cells: List[Cell], path: Path) -> None:
+def write_jobs_csv(jobs: List[Job], cells: List[Cell], path: Path, experiment: Optional[str] = None) -> None:
     cell_of = {j.number: c.name for c in cells for j in c.jobs}
-    keys = ("gold/reply_rate/aligned", "gold/reply_rate_se/aligned", "gold/reply_rate_greedy/aligned",
-            "discriminator/reward/aligned", "kl/aligned", "gold/reply_rate/sft", "gold/reply_rate_se/sft")
+    if experiment in COLUMNS:  # every key of its tables, each once
+        keys = tuple(dict.fromkeys(key for _, key in job_columns(experiment) + COLUMNS[experiment]))
+    else:
+        keys = ("gold/reply_rate/aligned", "gold/reply_rate_se/aligned", "gold/reply_rate_greedy/aligned",
+                "discriminator/reward/aligned", "kl/aligned", "gold/reply_rate/sft", "gold/reply_rate_se/sft")
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["job", "arm", "seed", *keys])
@@ -248,7 +284,8 @@ def write_jobs_csv(jobs: List[Job], cells: List[Cell], path: Path) -> None:
             out.writerow([j.number, cell_of[j.number], j.seed, *(j.summary.get(k) for k in keys)])
 
 
-def plot(kind: str, rows: List[Dict], cells: List[Cell], path: Path, title: str) -> Path:
+def plot(kind: str, rows: List[Dict], cells: List[Cell], path: Path, title: str,
+         experiment: Optional[str] = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,7 +294,23 @@ def plot(kind: str, rows: List[Dict], cells: List[Cell], path: Path, title: str)
     arms = [r for r in rows if r["kind"] == "arm"]
     bon = [r for r in rows if r["kind"] == "bon"]
     sft = next((r for r in rows if r["kind"] == "sft"), None)
-    if kind == "frontier":
+    if kind == "panels":  # one panel per metric of PANELS: arms' bars with intervals, seeds as dots, a reference line
+        panels = PANELS[experiment]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 4.2))
+        for ax, (name, key, line) in zip(axes, panels):
+            per_cell = [cell.values(key) for cell in cells]
+            means_halves = [mean_ci(v) for v in per_cell]
+            ax.bar(range(len(cells)), [m for m, _ in means_halves], capsize=4, color="tab:blue",
+                   yerr=[0 if math.isnan(h) else h for _, h in means_halves])
+            for i, ys in enumerate(per_cell):
+                ax.scatter([i] * len(ys), ys, s=10, color="black", alpha=0.5, zorder=3)
+            level = line if isinstance(line, (int, float)) else mean_ci([v for c in cells for v in c.values(line)])[0]
+            ax.axhline(level, color="grey", linestyle="--", linewidth=1,
+                       label="even" if isinstance(line, (int, float)) else "start (mean over jobs)")
+            ax.set_xticks(range(len(cells)), [c.name for c in cells], rotation=35, ha="right")
+            ax.set_title(name, fontsize=9)
+            ax.legend(fontsize=8, frameon=False)
+    elif kind == "frontier":
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for ax, metric in zip(axes, ("gold reply rate", "discriminator reward")):
             for cell, row in zip(cells, arms):
@@ -408,13 +461,13 @@ def report(sweep: Path, plot_kind: Optional[str] = None, use_wandb: Optional[boo
     cells = group_cells(jobs)
     rows = table_rows(cells, jobs, experiment)
     table = summary_table(rows, experiment)
-    text = markdown(table, jobs, cells, missing)
+    text = markdown(table, jobs, cells, missing, experiment)
     kind = plot_kind or PLOTS.get(experiment or "", "bars")
     title = experiment or sweep.name
     (sweep / "report.md").write_text(f"## {title}\n\n{text}\n\n![{title}](report.png)\n")
     write_csv(rows, experiment, sweep / "report.csv")
-    write_jobs_csv(jobs, cells, sweep / "report_jobs.csv")
-    plot_path = plot(kind, rows, cells, sweep / "report.png", title)
+    write_jobs_csv(jobs, cells, sweep / "report_jobs.csv", experiment)
+    plot_path = plot(kind, rows, cells, sweep / "report.png", title, experiment)
     print(text)
     print(f"\nwrote {sweep / 'report.md'}, report.csv, report_jobs.csv, {plot_path.name}")
     print(f"sweep wall time: {sweep_wall_time(sweep, jobs) / 60:.1f} min for {len(jobs)} jobs")
@@ -432,7 +485,7 @@ def report(sweep: Path, plot_kind: Optional[str] = None, use_wandb: Optional[boo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path, help="the multirun sweep directory (hydra.sweep.dir)")
-    parser.add_argument("--plot", choices=("frontier", "bars"), help="the plot (default: the ablation's own)")
+    parser.add_argument("--plot", choices=("frontier", "bars", "panels"), help="the plot (default: the ablation's own)")
     parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
                         help="log the table to W&B (default: when the jobs used logger=wandb)")
     parser.add_argument("--docs", type=Path, action="append",

@@ -147,3 +147,36 @@ def test_best_of_n_rows_per_seed(tmp_path):
     assert bon["best-of-4 (sft)"]["gain over SFT"][0] == pytest.approx(0.04)
     assert bon["best-of-4 (sft)"]["KL vs SFT"][0] == pytest.approx(math.log(4) - 0.75)
     assert "| best-of-4 (sft) | 3 |" in (tmp_path / "sweep" / "report.md").read_text()
+
+
+def test_a_real_model_sweep_reports_judge_pairs_kl_and_length(tmp_path):
+    """experiment=smollm2_hh has no gold metric: its table reads the judge's win rate, the held-out pairs, KL and
+    length beside the starting model's, with intervals over seeds, and its plot has one panel per PANELS entry."""
+    sweep = tmp_path / "sweep"
+    wins = {("dpo", 0): 0.60, ("dpo", 1): 0.55, ("dpo", 2): 0.65, ("grpo", 0): 0.40, ("grpo", 1): 0.50, ("grpo", 2): 0.45}
+    for n, ((arm, seed), win) in enumerate(wins.items()):
+        job = sweep / str(n)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
+            [f"+arm/smollm2_hh={arm}", f"seed={seed}", "experiment=smollm2_hh", "logger=csv"]))
+        (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+            {"hydra": {"runtime": {"choices": {"experiment": "smollm2_hh"}}}}))
+        (job / "config_resolved.yaml").write_text(yaml.safe_dump({"seed": seed, "logger": {"kind": "csv"}}))
+        (job / "summary.json").write_text(json.dumps({
+            "winrate/aligned": win, "winrate_ci95/aligned": 0.1, "discriminator/reward/aligned": win,
+            "discriminator/reward/initial": 0.5, "heldout/preference_accuracy/aligned": win - 0.1,
+            "heldout/preference_accuracy/initial": 0.45, "heldout/rewards/accuracies/aligned": win,
+            "heldout/rewards/margins/aligned": 0.01, "kl/aligned": 0.1 * (seed + 1), "length/aligned": 40.0 + n,
+            "length/initial": 42.0, "discriminator/accuracy": 0.55, "judge/accuracy": 0.6}))
+    out = report.report(sweep, use_wandb=False)
+    rows = {r["cell"]: r for r in out["rows"]}
+    assert set(rows) == {"dpo", "grpo"}, "no SFT row: the start is the checkpoint itself"
+    assert rows["dpo"]["win rate vs start"] == pytest.approx(report.mean_ci([0.60, 0.55, 0.65]))
+    assert rows["grpo"]["KL vs start"][0] == pytest.approx(0.2)
+    assert rows["dpo"]["start's length"] == (42.0, 0.0)
+    text = (sweep / "report.md").read_text()
+    assert "| arm | seeds | win rate vs start | judge reward |" in text
+    assert "| 3 | grpo | 0 | 0.400 | 0.100 | 0.300 | 0.100 | 43.000 | 0.550 | 0.600 |" in text
+    with open(sweep / "report_jobs.csv") as f:
+        assert next(csv.reader(f))[3:5] == ["winrate/aligned", "winrate_ci95/aligned"]
+    assert (sweep / "report.png").stat().st_size > 10_000
