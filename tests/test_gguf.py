@@ -83,3 +83,26 @@ def test_gguf_without_the_gguf_package_says_what_to_install(tmp_path, monkeypatc
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
     with pytest.raises(ImportError, match=r"model\.gguf.*pip install gguf"):
         load_generator(path)
+
+
+def test_real_hh_pairs_render_through_the_models_chat_template(smollm2):
+    """The shared HH-RLHF transcripts become ChatML conversations for SmolLM2 (not raw "Human:" text), every turn of
+    a multi-turn prompt included, and the reply ends with the template's end of turn (its eos)."""
+    from pathlib import Path
+
+    from rlmf.data import load_pairs, tokenize_pairs
+
+    _, tokenizer, _ = smollm2
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_harmless_dev.jsonl"
+    if not data.is_file():
+        pytest.skip(f"{data} is not there (../shared beside the repository)")
+    pairs, _ = load_pairs(data)
+    pair = next(p for p in pairs if len(p.prompt_messages) >= 3)  # a multi-turn prompt
+    (feature,), _ = tokenize_pairs([pair], tokenizer, None, None)
+    prompt = tokenizer.decode(feature["prompt_ids"])
+    assert "Human:" not in prompt and "Assistant:" not in prompt
+    for message in pair.prompt_messages:
+        assert f"<|im_start|>{message.role}\n{message.content}<|im_end|>" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")
+    chosen = tokenizer.decode(feature["chosen_ids"])
+    assert chosen.startswith(pair.chosen_messages[0].content) and chosen.rstrip().endswith("<|im_end|>")
