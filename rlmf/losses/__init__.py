@@ -98,6 +98,7 @@ def takes_weights(name: str) -> bool:
 from rlmf.losses import (  # noqa: E402,F401  (registration side effects)
     apo,
     dpo,
+    dpo_variants,
     hypo,
     kto,
     orpo,

@@ -6,12 +6,16 @@ a stand-in ``self`` (a ``SimpleNamespace`` with only the attributes that method 
 returns tensors built from our log-probs, so that TRL's own code does the sequence sums, length normalisation,
 masking and loss composition:
 
-- ``dpo`` (TRL ``sigmoid``), ``hinge``, ``ipo``, ``robust``, ``apo_zero``, ``apo_down``, ``sft``:
+- ``dpo`` (TRL ``sigmoid``), ``hinge``, ``ipo``, ``robust``, ``apo_zero``, ``apo_down``, ``sft``, and the DPO
+  variants ``nca_pair``, ``exo_pair``, ``sppo_hard``, ``aot``, ``aot_unpaired``, ``discopop`` and ``f_dpo`` (TRL
+  ``sigmoid`` with its ``f_divergence_type``; the alpha-divergence in float32, whose TRL branch has no float64):
   ``DPOTrainer._compute_loss`` with ``precompute_ref_logps=True`` (reference log-probs come from the batch). The
   stand-in model returns per-token log-probs: each completion's summed log-prob spread evenly over its completion
   tokens, zero elsewhere, so TRL's sums give back our sequence log-probs and ``completion_mask`` gives our lengths.
   IPO: TRL divides each log-ratio by its completion length (``completion_mask.sum()``), as we do.
   SFT: TRL's ``sft`` loss type is the token mean of the chosen per-token log-probs, ``-sum(logps) / sum(lengths)``.
+  ``bco_pair``: TRL 1.16's has no reward shift; ours (the batch-mean delta) equals TRL's with both reference
+  log-probs moved by ``delta / beta``.
 - ``kto``, ``apo_zero_unpaired``: ``KTOTrainer._compute_loss`` (and its ``_compute_kl_logps``) the same way; the
   stand-in model tells the main forward from the KL forward by the ``input_ids`` tensor it is given.
 - ``orpo``: ``ORPOTrainer.get_batch_loss_metrics`` (with its ``concatenated_forward``, ``get_batch_logps`` and
@@ -138,10 +142,12 @@ def completion_masks(lengths: torch.Tensor, prompt_length: int):
 
 def spread_over_tokens(summed_logps: torch.Tensor, lengths: torch.Tensor, shift_completion_mask: torch.Tensor):
     """Per-token log-probs ([N, T-1], aligned like a causal LM's): each sum spread evenly over its tokens."""
-    return (summed_logps / lengths.double())[:, None] * shift_completion_mask
+    return (summed_logps / lengths.to(summed_logps.dtype))[:, None] * shift_completion_mask
 
 
-def trl_dpo_trainer_loss(loss_type: str, batch: dict, beta: float, label_smoothing: float = 0.0):
+def trl_dpo_trainer_loss(loss_type: str, batch: dict, beta: float, label_smoothing: float = 0.0, *,
+                         f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+                         discopop_tau: float = 0.05):
     lengths = torch.cat([batch["chosen_lengths"], batch["rejected_lengths"]])
     attention_mask, completion_mask = completion_masks(lengths, prompt_length=2)
     per_token = spread_over_tokens(
@@ -160,7 +166,9 @@ def trl_dpo_trainer_loss(loss_type: str, batch: dict, beta: float, label_smoothi
         aux_loss_enabled=False,
         ld_alpha=None,
         precompute_ref_logps=True,
-        f_divergence_type="reverse_kl",
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+        args=SimpleNamespace(discopop_tau=discopop_tau),
         loss_types=[loss_type],
         loss_weights=[1.0],
         beta=beta,
@@ -195,8 +203,35 @@ DPO_TRAINER_CASES = [
     ("apo_zero", "apo_zero", {"beta": 0.5}),
     ("apo_down", "apo_down", {"beta": 0.1}),
     ("apo_down", "apo_down", {"beta": 0.5}),
+    ("nca_pair", "nca_pair", {"beta": 0.1}),
+    ("nca_pair", "nca_pair", {"beta": 0.6}),
+    ("exo_pair", "exo_pair", {"beta": 0.1, "label_smoothing": 0.001}),
+    ("exo_pair", "exo_pair", {"beta": 0.4, "label_smoothing": 0.2}),
+    ("sppo_hard", "sppo_hard", {"beta": 0.1}),
+    ("sppo_hard", "sppo_hard", {"beta": 0.8}),
+    ("aot", "aot", {"beta": 0.1, "label_smoothing": 0.0}),
+    ("aot", "aot", {"beta": 0.5, "label_smoothing": 0.2}),
+    ("aot_unpaired", "aot_unpaired", {"beta": 0.1, "label_smoothing": 0.0}),
+    ("aot_unpaired", "aot_unpaired", {"beta": 0.5, "label_smoothing": 0.2}),
+    ("discopop", "discopop", {"beta": 0.1, "tau": 0.05}),
+    ("discopop", "discopop", {"beta": 0.3, "tau": 0.4}),
+    ("f_dpo", "sigmoid", {"beta": 0.1, "f_divergence_type": "reverse_kl"}),
+    ("f_dpo", "sigmoid", {"beta": 0.1, "f_divergence_type": "forward_kl"}),
+    ("f_dpo", "sigmoid", {"beta": 0.5, "f_divergence_type": "forward_kl"}),
+    ("f_dpo", "sigmoid", {"beta": 0.1, "f_divergence_type": "js_divergence"}),
+    ("f_dpo", "sigmoid", {"beta": 0.5, "f_divergence_type": "js_divergence"}),
 ]
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def trl_options(hyperparameters: dict) -> dict:
+    """Our hyperparameters under TRL's names: DiscoPOP's ``tau`` is TRL's ``discopop_tau``; our (the f-DPO
+    paper's) alpha-divergence ``alpha`` is ``1 - alpha`` in TRL 1.16's code, ``(u**(alpha - 1) - 1) / (alpha - 1)``."""
+    names = {"tau": "discopop_tau"}
+    options = {names.get(k, k): v for k, v in hyperparameters.items()}
+    if "f_alpha_divergence_coef" in options:
+        options["f_alpha_divergence_coef"] = 1 - options["f_alpha_divergence_coef"]
+    return options
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -204,9 +239,7 @@ REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewa
 def test_dpo_trainer_losses_match_trl(name, trl_type, hyperparameters, seed):
     batch = paired_batch(seed)
     result = ours(name, batch, **hyperparameters)
-    trl_loss, trl_metrics = trl_dpo_trainer_loss(
-        trl_type, batch, hyperparameters["beta"], hyperparameters.get("label_smoothing", 0.0)
-    )
+    trl_loss, trl_metrics = trl_dpo_trainer_loss(trl_type, batch, **trl_options(hyperparameters))
     assert_same_loss_and_grads(
         result.loss, trl_loss, [batch["policy_chosen_logps"], batch["policy_rejected_logps"]]
     )
@@ -220,6 +253,72 @@ def test_hinge_cases_exercise_both_sides_of_the_kink():
         batch["policy_rejected_logps"] - batch["reference_rejected_logps"]
     )
     assert (1.0 * margins > 1).any() and (1.0 * margins < 1).any()
+
+
+def test_aot_and_f_dpo_cases_are_not_dpo():
+    """The batch sorts differently from the pairs (else AOT would be a per-pair loss here) and the f-divergences
+    move the loss away from DPO's (else the f_dpo cases would prove nothing beyond test_dpo)."""
+    for seed in (0, 1):
+        batch = paired_batch(seed)
+        margins = batch["policy_chosen_logps"] - batch["policy_rejected_logps"]
+        reference_margins = batch["reference_chosen_logps"] - batch["reference_rejected_logps"]
+        assert not torch.equal(torch.argsort(margins), torch.argsort(reference_margins))
+        dpo = ours("dpo", batch, beta=0.1).loss
+        for divergence in ("forward_kl", "js_divergence", "alpha_divergence"):
+            assert abs(ours("f_dpo", batch, beta=0.1, f_divergence_type=divergence).loss - dpo) > 1e-3
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("beta", [0.1, 0.6])
+def test_bco_pair_matches_trl_with_the_reference_moved_by_the_shift(seed, beta):
+    """TRL 1.16's ``bco_pair`` has no reward shift; shifting both reference log-probs by delta / beta moves both
+    rewards by -delta, which is our shift exactly (delta is detached, so the gradients agree too). The reference
+    log-probs are lowered by 4 nats so that the rewards, and so delta, are far from 0."""
+    batch = paired_batch(seed)
+    for side in ("chosen", "rejected"):
+        batch[f"reference_{side}_logps"] = batch[f"reference_{side}_logps"] - 4.0
+    result = ours("bco_pair", batch, beta=beta)
+    rewards = beta * torch.cat([batch["policy_chosen_logps"] - batch["reference_chosen_logps"],
+                                batch["policy_rejected_logps"] - batch["reference_rejected_logps"]]).detach()
+    delta = rewards.mean()
+    torch.testing.assert_close(result.metrics["rewards/delta"], delta, **TOLERANCE)
+    shifted = {**batch, "reference_chosen_logps": batch["reference_chosen_logps"] + delta / beta,
+               "reference_rejected_logps": batch["reference_rejected_logps"] + delta / beta}
+    trl_loss, _ = trl_dpo_trainer_loss("bco_pair", shifted, beta)
+    assert_same_loss_and_grads(
+        result.loss, trl_loss, [batch["policy_chosen_logps"], batch["policy_rejected_logps"]]
+    )
+    unshifted_loss, trl_metrics = trl_dpo_trainer_loss("bco_pair", batch, beta)
+    assert abs(unshifted_loss - result.loss) > 1e-2  # the shift matters
+    assert_same_metrics(result.metrics, trl_metrics, REWARD_METRICS + ("logps/chosen", "logps/rejected"))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("beta,alpha", [(0.1, 0.5), (0.5, 0.5), (0.1, 0.3), (0.3, 0.8)])
+def test_f_dpo_alpha_divergence_matches_trl_in_float32(seed, beta, alpha):
+    """TRL's alpha-divergence branch looks up a clamp per dtype that has no float64 entry, so this comparison runs
+    in float32 (ours and TRL's on the same float32 inputs) at float32 tolerances. At alpha = 0.5 the two
+    conventions coincide; elsewhere TRL is given ``1 - alpha`` (see ``trl_options``)."""
+    batch = {k: (v.detach().float().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
+             for k, v in paired_batch(seed).items()}
+    hyperparameters = {"beta": beta, "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": alpha}
+    result = ours("f_dpo", batch, **hyperparameters)
+    assert result.loss.dtype == torch.float32
+    trl_loss, trl_metrics = trl_dpo_trainer_loss("sigmoid", batch, **trl_options(hyperparameters))
+    wrt = [batch["policy_chosen_logps"], batch["policy_rejected_logps"]]
+    torch.testing.assert_close(result.loss, trl_loss, atol=1e-5, rtol=1e-5)
+    for ours_g, trl_g in zip(torch.autograd.grad(result.loss, wrt, retain_graph=True),
+                             torch.autograd.grad(trl_loss, wrt)):
+        torch.testing.assert_close(ours_g, trl_g, atol=1e-5, rtol=1e-5)
+        assert ours_g.abs().sum() > 0
+    for name in REWARD_METRICS:
+        torch.testing.assert_close(result.metrics[name].item(), float(trl_metrics[name]), atol=1e-5, rtol=1e-5)
+
+
+def test_trl_exo_pair_at_its_default_label_smoothing_is_infinite():
+    """Why exo_pair defaults to the paper's eps = 1e-3 rather than TRL's label_smoothing default of 0."""
+    trl_loss, _ = trl_dpo_trainer_loss("exo_pair", paired_batch(0), beta=0.1, label_smoothing=0.0)
+    assert torch.isinf(trl_loss)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
