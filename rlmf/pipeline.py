@@ -838,9 +838,8 @@ def stage_evaluate(run: Run) -> Dict[str, Any]:
     Each generator's result is cached beside its checkpoint (``eval-<key>.json``, keyed by everything it depends
     on), so the jobs of a sweep that share one ``stage.from_run`` evaluate the shared SFT model once.
     """
-    from rlmf.reference import model_fingerprint
-
     from rlmf.evaluation import win_rate
+    from rlmf.reference import model_fingerprint
 
     prompts = run.task.eval_prompts()
     discriminator_dir = run.finished_dir("discriminator")
