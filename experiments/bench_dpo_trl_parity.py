@@ -311,22 +311,6 @@ def _print_parity(ours, theirs, diffs):
     print("\nmax |ours - TRL| over the steps: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
 
 
-def _print_timing(rows, title):
-    headers = ["implementation", "s/step (median)", "tokens/s", "peak RSS (MB)", "train peak above base (MB)",
-               "CPU s/step", "tokens/step", "note"]
-    print(f"\n{title}\n")
-    print("| " + " | ".join(headers) + " |")
-    print("|" + "|".join("---" for _ in headers) + "|")
-    for r in rows:
-        if "s_per_step" not in r:
-            cells = [LABELS[r["impl"]]] + ["n/a"] * (len(headers) - 2) + [r.get("note", "")]
-        else:
-            cells = [LABELS[r["impl"]], f"{r['s_per_step']:.2f}", f"{r['tokens_per_s']:.0f}",
-                     f"{r['peak_rss_mb']:.0f}", f"{r['train_peak_mb']:.0f}", f"{r['cpu_s_per_step']:.2f}",
-                     f"{r['tokens_per_step']:.0f}", r.get("note", "")]
-        print("| " + " | ".join(str(c) for c in cells) + " |")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=4, help="HH pairs (the first that fit --max-length whole)")
@@ -424,9 +408,11 @@ def main(argv=None):
                     print(f"  {impl}: {row['s_per_step']:.2f} s/step, {row['tokens_per_s']:.0f} tokens/s, peak RSS "
                           f"{row['peak_rss_mb']:.0f} MB; step times {row['all_step_times']}", flush=True)
                 timing.append(row)
-            _print_timing(timing, f"One DPO step on CPU ({args.threads or torch.get_num_threads()} thread(s)), "
-                                  f"{args.batch_size} HH pairs, SmolLM2-135M-Instruct float32; median of "
-                                  f"{args.timed} step(s) after {args.warmup} warm-up")
+            import bench_step  # the timing table every DPO-step benchmark prints
+
+            bench_step._print_table(timing, f"One DPO step on CPU ({args.threads or torch.get_num_threads()} "
+                                    f"thread(s)), {args.batch_size} HH pairs, SmolLM2-135M-Instruct float32; median "
+                                    f"of {args.timed} step(s) after {args.warmup} warm-up", labels=LABELS)
             by = {r["impl"]: r for r in timing if "s_per_step" in r}
             if "ours" in by:
                 for other in ("eager", "trl"):

@@ -554,7 +554,8 @@ def _eager_bytes(args, params: int, width: int) -> int:
     return 5 * 4 * params + 4 * (2 * args.batch_size) * width * args.vocab * 4
 
 
-def _print_table(rows, title):
+def _print_table(rows, title, labels=LABELS):
+    """The timing table: one row per side (``labels`` names them), its failure note where it did not run."""
     gpu = any("peak_gpu_mb" in r for r in rows)
     headers = ["implementation", "s/step (median)", "tokens/s", "peak RSS (MB)", "train peak above base (MB)",
                *(["peak GPU (MB)"] if gpu else []), "CPU s/step", "tokens/step", "note"]
@@ -563,9 +564,9 @@ def _print_table(rows, title):
     print("|" + "|".join("---" for _ in headers) + "|")
     for r in rows:
         if "s_per_step" not in r:
-            cells = [LABELS[r["impl"]]] + ["n/a"] * (len(headers) - 2) + [r.get("note", "")]
+            cells = [labels[r["impl"]]] + ["n/a"] * (len(headers) - 2) + [r.get("note", "")]
         else:
-            cells = [LABELS[r["impl"]], f"{r['s_per_step']:.3f}", f"{r['tokens_per_s']:.0f}",
+            cells = [labels[r["impl"]], f"{r['s_per_step']:.3f}", f"{r['tokens_per_s']:.0f}",
                      f"{r['peak_rss_mb']:.0f}", f"{r['train_peak_mb']:.0f}",
                      *([f"{r['peak_gpu_mb']:.0f}"] if gpu else []), f"{r['cpu_s_per_step']:.2f}",
                      f"{r['tokens_per_step']:.0f}", r.get("note", "")]
