@@ -67,8 +67,7 @@ REAL_MODEL_JOB_COLUMNS = (("win rate", "winrate/aligned"), ("95% ±", "winrate_c
                           ("judge accuracy", "judge/accuracy"))
 # The panels of a "panels" plot: (title, summary key of the arms, what to draw the line at: a number or a key)
 PANELS = {"smollm2_hh": (("win rate vs start (judge)", "winrate/aligned", 0.5),
-                         ("held-out preference accuracy", "heldout/preference_accuracy/aligned",
-                          "heldout/preference_accuracy/initial"),
+                         ("held-out rewards/accuracies", "heldout/rewards/accuracies/aligned", 0.5),
                          ("mean sample length (tokens)", "length/aligned", "length/initial"))}
 PLOTS = {"dpo_beta": "frontier", "hypo_vs_dpo": "frontier", "overoptimization": "frontier", "smollm2_hh": "panels"}
 # Two-sided 95% quantiles of Student's t, t(0.975, df), df = 1..30 (to 6 decimals; above 30 see t_quantile)
