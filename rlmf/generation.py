@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from rlmf.data.collate import IGNORE_INDEX, PromptCollator, tokenize_prompts
+from rlmf.data.collate import IGNORE_INDEX, PromptCollator
 from rlmf.data.formats import PromptOnly
+from rlmf.data.tokenization import tokenize_prompts
 
 
 def stop_token_ids(model: nn.Module, tokenizer=None) -> List[int]:

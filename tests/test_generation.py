@@ -8,8 +8,8 @@ import torch
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from rlmf.data.collate import tokenize_prompts
 from rlmf.data.formats import PromptOnly
+from rlmf.data.tokenization import tokenize_prompts
 from rlmf.generation import generate, sample_tokens, stop_token_ids
 
 PROMPT = "Dear Ms. Alvarez, thank you for"
@@ -96,18 +96,18 @@ def test_every_stop_token_of_the_checkpoint_ends_a_completion(tiny_checkpoint):
 
 
 def test_evaluation_kl_is_scored_at_the_sampling_temperature(compose, tmp_path, monkeypatch):
-    import rlmf.logprobs
+    import rlmf.stages.evaluate
     from rlmf.train import run_job
 
     run_job(compose("experiment=quick", "stage.stages=[sft]"), tmp_path / "run")
     seen = []
-    original = rlmf.logprobs.batched_completion_logps
+    original = rlmf.stages.evaluate.batched_completion_logps
 
     def spy(model, features, collate, batch_size=32, temperature=1.0, prefix="", **layout):
         seen.append(temperature)
         return original(model, features, collate, batch_size, temperature, prefix, **layout)
 
-    monkeypatch.setattr(rlmf.logprobs, "batched_completion_logps", spy)
+    monkeypatch.setattr(rlmf.stages.evaluate, "batched_completion_logps", spy)
     summary = run_job(compose("experiment=quick", "stage.stages=[evaluate]", "generator.temperature=0.7"),
                       tmp_path / "run")
     assert seen and set(seen) == {0.7}

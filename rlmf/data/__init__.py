@@ -1,17 +1,6 @@
-"""Row formats and parsing, sources (files and hub datasets), tokenisation and collation."""
+"""Row formats and parsing, HH transcripts, sources (files and hub datasets), rendering, tokenisation and collation."""
 
-from rlmf.data.collate import (
-    DropCounts,
-    FeedbackCollator,
-    PairCollator,
-    PromptCollator,
-    describe_rendering,
-    log_data_report,
-    tokenize_feedback,
-    tokenize_pairs,
-    tokenize_prompts,
-    uses_chat_template,
-)
+from rlmf.data.collate import FeedbackCollator, PairCollator, PromptCollator
 from rlmf.data.formats import (
     DataError,
     FeedbackExample,
@@ -20,10 +9,9 @@ from rlmf.data.formats import (
     PromptOnly,
     messages_to_dicts,
     pairs_to_feedback,
-    parse_feedback_row,
-    parse_pair_row,
-    parse_prompt_row,
-    parse_transcript,
-    render_messages,
 )
-from rlmf.data.sources import LoadReport, load_feedback, load_pairs, load_prompts, read_rows, write_jsonl
+from rlmf.data.parsing import parse_feedback_row, parse_pair_row, parse_prompt_row
+from rlmf.data.rendering import describe_rendering, uses_chat_template
+from rlmf.data.sources import LoadReport, load_feedback, load_pairs, load_prompts, read_rows, read_written, write_jsonl
+from rlmf.data.tokenization import DropCounts, log_data_report, tokenize_feedback, tokenize_pairs, tokenize_prompts
+from rlmf.data.transcripts import parse_transcript, render_messages

@@ -1,7 +1,7 @@
 """Supervised fine-tuning data: (prompt, completion) pairs -> length-bucketed batches, loss on completion tokens.
 
-Tokenisation, truncation and collation are the data layer's (``rlmf.data.collate``): ``[bos] prompt completion
-eos``, labels -100 on the prompt and padding.
+Tokenisation, truncation and collation are the data layer's (``rlmf.data.tokenization``, ``rlmf.data.collate``):
+``[bos] prompt completion eos``, labels -100 on the prompt and padding.
 
 Batches are drawn from buckets of similar length (:class:`LengthBucketBatchSampler`), so almost no compute goes to
 padding without the cross-sample attention leaks that packing would need extra masking to avoid; they are sharded
@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from rlmf.data.collate import FeedbackCollator, tokenize_feedback
+from rlmf.data.collate import FeedbackCollator
 from rlmf.data.formats import FeedbackExample
 from rlmf.data.loading import EpochBatchSampler, RowsDataModule
+from rlmf.data.tokenization import tokenize_feedback
 
 
 def sft_rows(examples: Sequence[Union[Tuple[str, str], FeedbackExample]]) -> List[FeedbackExample]:

@@ -25,15 +25,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
 
-from rlmf.data.formats import (
-    DataError,
-    FeedbackExample,
-    PreferencePair,
-    PromptOnly,
-    parse_feedback_row,
-    parse_pair_row,
-    parse_prompt_row,
-)
+from rlmf.data.formats import DataError, FeedbackExample, PreferencePair, PromptOnly
+from rlmf.data.parsing import parse_feedback_row, parse_pair_row, parse_prompt_row
 
 FILE_EXTENSIONS = (".jsonl", ".json", ".parquet")
 ON_BAD_ROW = ("error", "skip")
@@ -201,7 +194,7 @@ def _load(parse: Callable[[Dict[str, Any]], T], source: PathLike, split: Optiona
 def load_pairs(source: PathLike, *, split: Optional[str] = "train", subset: Optional[str] = None,
                data_dir: Optional[str] = None, on_bad_row: str = "error", transcripts: str = "chat"
                ) -> Tuple[List[PreferencePair], LoadReport]:
-    """Every row of ``source`` as a :class:`PreferencePair` (formats: :func:`~rlmf.data.formats.parse_pair_row`;
+    """Every row of ``source`` as a :class:`PreferencePair` (formats: :func:`~rlmf.data.parsing.parse_pair_row`;
     HH transcripts read as conversations unless ``transcripts="raw"``)."""
     return _load(functools.partial(parse_pair_row, transcripts=transcripts), source, split, subset, data_dir,
                  on_bad_row)
@@ -246,3 +239,11 @@ def write_jsonl(path: PathLike, rows: Iterable[Union[PreferencePair, FeedbackExa
         if os.path.exists(tmp):
             os.remove(tmp)
     return count
+
+
+def read_written(path: PathLike, kind: str = "pairs") -> List[Union[PreferencePair, FeedbackExample]]:
+    """The rows a stage wrote with :func:`write_jsonl` (``kind``: ``pairs`` or ``thumbs``), read back; an empty file
+    (a stage that produced none) is an empty list, where the loaders refuse a source without rows."""
+    if not os.path.getsize(path):
+        return []
+    return (load_pairs if kind == "pairs" else load_feedback)(path)[0]

@@ -8,19 +8,10 @@ import logging
 
 import pytest
 
-from rlmf.data.collate import DropCounts, tokenize_feedback, tokenize_pairs, tokenize_prompts
-from rlmf.data.formats import (
-    DataError,
-    FeedbackExample,
-    Message,
-    PreferencePair,
-    PromptOnly,
-    pairs_to_feedback,
-    parse_feedback_row,
-    parse_pair_row,
-    parse_prompt_row,
-)
+from rlmf.data.formats import DataError, FeedbackExample, Message, PreferencePair, PromptOnly, pairs_to_feedback
+from rlmf.data.parsing import parse_feedback_row, parse_pair_row, parse_prompt_row
 from rlmf.data.sources import load_feedback, load_pairs, load_prompts, write_jsonl
+from rlmf.data.tokenization import DropCounts, tokenize_feedback, tokenize_pairs, tokenize_prompts
 
 # ChatML-like: every turn ends with "<|im_end|>\n" (not the eos), the generation prompt opens an assistant turn.
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -177,14 +168,14 @@ def test_boundary_mismatch_is_counted_and_warned(plain, caplog):
         PreferencePair("the lazy", " dog", " fox"),
     ]
     assert enc(plain, "the qu") + enc(plain, "ick") != enc(plain, "the quick")  # the tokenizer does merge it
-    with caplog.at_level(logging.WARNING, logger="rlmf.data.collate"):
+    with caplog.at_level(logging.WARNING, logger="rlmf.data.tokenization"):
         features, counts = tokenize_pairs(pairs, plain, None, None)
     assert counts.boundary_mismatch == 1 and counts.kept == 3 and counts.dropped == 0
     assert counts.as_dict()["data/boundary_mismatch"] == 1 and counts.as_dict()["data/dropped"] == 0
     assert str(counts).endswith("prompt/completion boundary differs from joint tokenisation in 1 rows")
     # The ids are kept as tokenised separately.
     assert features[1]["chosen_ids"] == enc(plain, "ick brown fox") + [plain.eos_token_id]
-    (record,) = [r for r in caplog.records if r.name == "rlmf.data.collate"]
+    (record,) = [r for r in caplog.records if r.name == "rlmf.data.tokenization"]
     message = record.getMessage()
     assert record.levelno == logging.WARNING
     assert "tokenize_pairs: 1 of 3 rows tokenise differently at the prompt/completion boundary" in message
@@ -197,10 +188,10 @@ def test_boundary_warning_names_at_most_three_rows(plain, caplog):
     examples = [FeedbackExample("the qu", "ick", True), FeedbackExample("the quick ", "brown", False),
                 FeedbackExample("the quick", " brown", True), FeedbackExample("the la", "zy dog", False),
                 FeedbackExample("the quick brown ", "fox", True)]
-    with caplog.at_level(logging.WARNING, logger="rlmf.data.collate"):
+    with caplog.at_level(logging.WARNING, logger="rlmf.data.tokenization"):
         _, counts = tokenize_feedback(examples, plain, None, None)
     assert counts.boundary_mismatch == 4 and counts.kept == 5
-    (record,) = [r for r in caplog.records if r.name == "rlmf.data.collate"]
+    (record,) = [r for r in caplog.records if r.name == "rlmf.data.tokenization"]
     message = record.getMessage()
     assert message.startswith("tokenize_feedback: 4 of 5 rows")
     assert all(f"row {i}: completion" in message for i in (0, 1, 3)) and "row 4" not in message
@@ -209,7 +200,7 @@ def test_boundary_warning_names_at_most_three_rows(plain, caplog):
 
 def test_boundary_check_covers_template_renders(caplog):
     tokenizer = make_tokenizer(SPACED)
-    with caplog.at_level(logging.WARNING, logger="rlmf.data.collate"):
+    with caplog.at_level(logging.WARNING, logger="rlmf.data.tokenization"):
         (f,), counts = tokenize_pairs([parse_pair_row(TRL_ROW)], tokenizer, None, None)
     assert tokenizer.decode(f["prompt_ids"]) == "<s>user: Name a colour.\nassistant: "
     assert counts.boundary_mismatch == 1
@@ -217,7 +208,7 @@ def test_boundary_check_covers_template_renders(caplog):
 
 
 def test_no_warning_when_boundaries_match(chatml, caplog):
-    with caplog.at_level(logging.WARNING, logger="rlmf.data.collate"):
+    with caplog.at_level(logging.WARNING, logger="rlmf.data.tokenization"):
         _, counts = tokenize_pairs([parse_pair_row(TRL_ROW), PreferencePair("the quick", " brown", " fox")],
                                    chatml, None, None)
     assert counts.boundary_mismatch == 0 and caplog.records == []
@@ -297,7 +288,7 @@ def test_hh_transcript_renders_like_the_same_chat_row(chatml):
 
 
 def test_data_report_names_the_rendering_and_shows_a_prompt(chatml, plain, caplog):
-    from rlmf.data.collate import describe_rendering
+    from rlmf.data.rendering import describe_rendering
 
     chat = [parse_pair_row(TRL_ROW)]
     assert describe_rendering(chat, chatml) == f"prompts rendered with the tokenizer's chat template; the first: " \
@@ -310,7 +301,7 @@ def test_data_report_names_the_rendering_and_shows_a_prompt(chatml, plain, caplo
 
 
 def test_data_report_warns_when_more_than_a_tenth_is_truncated(plain, caplog):
-    from rlmf.data.collate import log_data_report
+    from rlmf.data.tokenization import log_data_report
 
     long_prompt = PreferencePair("\n\nHuman: " + "word " * 40 + "\n\nAssistant:", " Blue.", " No.")
     short = PreferencePair("\n\nHuman: Hi\n\nAssistant:", " Blue.", " No.")
@@ -319,7 +310,7 @@ def test_data_report_warns_when_more_than_a_tenth_is_truncated(plain, caplog):
         _, counts = tokenize_pairs(rows, plain, 64, 16)
         assert counts.prompt_truncated == n_long
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="rlmf.data.collate"):
+        with caplog.at_level(logging.INFO, logger="rlmf.data.tokenization"):
             log_data_report("alignment data", rows, plain, counts)
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert warnings == ([f"alignment data: 2 of 10 prompts (20%) were truncated; raise "

@@ -3,17 +3,10 @@
 import pytest
 import torch
 
-from rlmf.data.collate import (
-    DropCounts,
-    FeedbackCollator,
-    PairCollator,
-    PromptCollator,
-    tokenize_feedback,
-    tokenize_pairs,
-    tokenize_prompts,
-)
+from rlmf.data.collate import FeedbackCollator, PairCollator, PromptCollator
 from rlmf.data.formats import FeedbackExample, PreferencePair, PromptOnly
 from rlmf.data.sources import load_pairs, write_jsonl
+from rlmf.data.tokenization import DropCounts, tokenize_feedback, tokenize_pairs, tokenize_prompts
 
 PROMPT = "\n\nHuman: What is the capital of France?\n\nAssistant:"
 PAIRS = [

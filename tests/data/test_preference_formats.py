@@ -2,18 +2,9 @@
 
 import pytest
 
-from rlmf.data.formats import (
-    DataError,
-    FeedbackExample,
-    PreferencePair,
-    PromptOnly,
-    pairs_to_feedback,
-    parse_feedback_row,
-    parse_pair_row,
-    parse_prompt_row,
-    parse_transcript,
-    render_messages,
-)
+from rlmf.data.formats import DataError, FeedbackExample, PreferencePair, PromptOnly, pairs_to_feedback
+from rlmf.data.parsing import parse_feedback_row, parse_pair_row, parse_prompt_row
+from rlmf.data.transcripts import parse_transcript, render_messages
 
 HH_PROMPT = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Name a colour.\n\nAssistant:"
 EXPECTED = PreferencePair(HH_PROMPT, " Blue.", " I'd rather not.")
