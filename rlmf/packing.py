@@ -19,14 +19,20 @@ group only rows whose prompt tokens are identical share them, the others are pac
 
 ``prompt`` here means the attended tokens before a row's first labelled token; the rest of the row, labelled or not,
 is its completion. Shapes: padded rows ``[B, L]``; packed rows ``[R, C]``; the mask ``[R, C, C]``.
+
+:func:`packed_hidden` runs a decoder on the packed layout, with the mask in the form its attention implementation
+takes (:func:`packed_attention_mask`); whether a given model's numbers survive that is probed in
+:func:`rlmf.logprobs.packing_problem`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch import nn
 
 from rlmf.data.collate import IGNORE_INDEX
 
@@ -220,3 +226,79 @@ def stack_rows(*row_sets: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return (torch.cat([widen(ids, 0) for ids, _, _ in row_sets]),
             torch.cat([widen(mask, 0) for _, mask, _ in row_sets]),
             torch.cat([widen(labels, IGNORE_INDEX) for _, _, labels in row_sets]))
+
+
+# --- the decoder on packed rows: the mask each attention implementation takes ------------------------------------
+
+def varying_shape_attention(device: torch.device):
+    """The SDPA backends for forwards whose shapes change at every call (ours: a batch's padded width, a packed
+    row's length): flash, memory-efficient or math, not cuDNN. On CUDA (torch 2.11, H200, bf16) SDPA picked cuDNN
+    attention, which builds a graph for each new shape: 4-6 ms of CPU per attention call, about 0.1 s of every DPO
+    step of an 8-layer model (torch.profiler, ``experiments/bench_step.py --device cuda --profile``), against 2-3 ms
+    of GPU time for those kernels. A no-op off CUDA. The backward follows the kernel the forward picked."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+class PackingUnsupported(ValueError):
+    """The model cannot run on packed rows (its attention does not take a custom 4D mask)."""
+
+
+# Attention implementations that take a ready 4D mask and use it as given (transformers 5.24 masking_utils returns
+# a 4D mask unchanged): SDPA a boolean one, eager an additive float one.
+MASKABLE_ATTENTION = ("sdpa", "eager")
+
+
+def packed_attention_mask(decoder: nn.Module, packed: PackedRows):
+    """The 4D mask (``[R, 1, C, C]``) of ``packed`` in the form ``decoder``'s attention takes (``decoder``: the
+    causal LM without its head, :func:`rlmf.logit_transform.decoder_of`), or, for a model that mixes full and
+    sliding-window layers (``config.layer_types``), a dict of one per layer type as its forward accepts. A model
+    whose every layer slides (``sliding_window`` without ``layer_types``) gets the window applied.
+
+    Raises:
+        PackingUnsupported: another attention implementation, or a layer type other than full and sliding.
+    """
+    config = decoder.config.get_text_config() if hasattr(decoder.config, "get_text_config") else decoder.config
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation not in MASKABLE_ATTENTION:
+        raise PackingUnsupported(f"attn_implementation={implementation!r} does not take a custom 4D mask (packing "
+                                 f"needs one of {', '.join(MASKABLE_ATTENTION)})")
+    dtype = decoder.get_input_embeddings().weight.dtype
+
+    def form(allowed: torch.Tensor) -> torch.Tensor:
+        allowed = allowed[:, None]
+        if implementation == "sdpa":
+            return allowed
+        zero = torch.zeros((), dtype=dtype, device=allowed.device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+    window = getattr(config, "sliding_window", None)
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if layer_types - {"full_attention"}:
+        unknown = layer_types - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise PackingUnsupported(f"layer types {sorted(unknown)} are neither full nor sliding-window attention")
+        return {"full_attention": form(packed.allowed), "sliding_attention": form(packed.windowed(window))}
+    if window is not None and getattr(config, "use_sliding_window", True) is not False and not layer_types:
+        return form(packed.windowed(window))
+    return form(packed.allowed)
+
+
+def packed_hidden(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                  mask: torch.Tensor, groups: Optional[torch.Tensor], capacity: Optional[int] = None
+                  ) -> torch.Tensor:
+    """The hidden states ``[N, H]`` that predict the labels where ``mask`` (``[B, L-1]``), computed by ``decoder``
+    (the causal LM without its head) on the packed layout of the padded rows (:func:`pack`; ``groups`` and
+    ``capacity`` as there)."""
+    packed = pack(input_ids, attention_mask, labels, groups, capacity)
+    with varying_shape_attention(input_ids.device):
+        hidden = decoder(input_ids=packed.input_ids, attention_mask=packed_attention_mask(decoder, packed),
+                         position_ids=packed.position_ids, use_cache=False).last_hidden_state  # [R, C, H]
+    sources = packed.index[:, :-1][mask]
+    if bool((sources < 0).any()):
+        raise ValueError("a labelled token follows a padding position; packed rows need each completion to follow "
+                         "its prompt (labels -100 on the prompt, padding only before or after the row)")
+    return hidden.reshape(-1, hidden.shape[-1])[sources]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from rlmf.logprobs import check_logprobs_match_forward
+from rlmf.logprobs_check import check_logprobs_match_forward
 from rlmf.models import load_generator, save_generator
 
 

@@ -12,8 +12,8 @@ from checkpoints import ARCHITECTURES, padded_batch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlmf import logprobs as lp
-from rlmf.logprobs import (LogitTransform, check_logprobs_match_forward, completion_logps, completion_token_logps,
-                           logit_transform)
+from rlmf.logprobs import LogitTransform, completion_logps, completion_token_logps, logit_transform
+from rlmf.logprobs_check import check_logprobs_match_forward, probe_tolerance
 
 EXPECTED = {  # what each forward does between the head and the logits (config values in tests/checkpoints.py)
     "llama": LogitTransform(), "qwen2": LogitTransform(), "gpt2": LogitTransform(), "phi": LogitTransform(),
@@ -162,10 +162,10 @@ def test_the_probe_check_passes_and_restores_the_mode(loaded, arch):
 
 
 def test_the_probe_tolerance_follows_the_precision(monkeypatch):
-    assert lp.probe_tolerance(torch.float32, 30.0) < 2e-4
-    assert 0.5 < lp.probe_tolerance(torch.bfloat16, 30.0) < 1.5  # rounding of logits of 30 in bfloat16
+    assert probe_tolerance(torch.float32, 30.0) < 2e-4
+    assert 0.5 < probe_tolerance(torch.bfloat16, 30.0) < 1.5  # rounding of logits of 30 in bfloat16
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
-    assert 0.05 < lp.probe_tolerance(torch.float32, 30.0) < 0.2  # TF32 products
+    assert 0.05 < probe_tolerance(torch.float32, 30.0) < 0.2  # TF32 products
 
 
 @pytest.mark.parametrize("transform", ["scale", "offset"])

@@ -14,6 +14,7 @@ from checkpoints import ARCHITECTURES, MASKED_ATTENTION, pair_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlmf import logprobs as lp
+from rlmf import packing as layout
 from rlmf.logprobs import completion_logps, completion_token_logps, packing_problem
 from rlmf.packing import PackedRows, pack, row_groups, stack_rows
 
@@ -122,7 +123,7 @@ def test_sliding_window_layers_get_the_window_in_the_packed_mask(tiny_checkpoint
 
 def test_an_attention_that_cannot_take_the_mask_runs_padded_and_says_why(tiny_checkpoint, monkeypatch, caplog):
     model, tokenizer = load(tiny_checkpoint("llama"), "sdpa")
-    monkeypatch.setattr(lp, "MASKABLE_ATTENTION", ("eager",))  # as if SDPA could not take a 4D mask
+    monkeypatch.setattr(layout, "MASKABLE_ATTENTION", ("eager",))  # as if SDPA could not take a 4D mask
     *rows, groups = pair_rows(tokenizer, "right")
     with caplog.at_level(logging.WARNING, logger="rlmf.logprobs"):
         packed, _ = completion_token_logps(model, *rows, packing="shared_prompt", groups=groups)
@@ -141,7 +142,7 @@ def test_a_packed_mask_that_changes_the_numbers_is_caught_by_the_probe(tiny_chec
         packed.allowed = torch.ones_like(packed.allowed).tril()
         return packed
 
-    monkeypatch.setattr(lp, "pack", leaky_pack)
+    monkeypatch.setattr(layout, "pack", leaky_pack)
     with pytest.raises(ValueError, match="differ from padded rows"):
         lp.check_packing_matches_padded(model)
     assert "differ from padded rows" in packing_problem(model)
@@ -194,9 +195,10 @@ def test_a_training_step_is_the_same_packed_and_padded(loss_name):
 
 def test_online_rollouts_score_the_same_packed_and_padded():
     """The scoring forward of a rollout, whose ``G`` completions of a prompt share it when packed."""
-    from rlmf.data.collate import PromptCollator, tokenize_prompts
+    from rlmf.data.collate import PromptCollator
     from rlmf.data.formats import PromptOnly
-    from rlmf.feedback.rollouts import rollout
+    from rlmf.data.tokenization import tokenize_prompts
+    from rlmf.modules.rollouts import rollout
     from rlmf.models import build_tiny_generator, train_tokenizer
     from rlmf.tasks.persona_email import build_world, corpus_texts
 
@@ -221,9 +223,9 @@ def test_online_rollouts_score_the_same_packed_and_padded():
 def test_forwards_of_varying_shape_keep_cudnn_attention_off_on_cuda_only():
     """cuDNN attention builds a graph per new shape (tests/gpu/test_gpu_packing.py checks the real forward)."""
     before = torch.backends.cuda.cudnn_sdp_enabled()
-    with lp.varying_shape_attention(torch.device("cuda")):
+    with layout.varying_shape_attention(torch.device("cuda")):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
-    with lp.varying_shape_attention(torch.device("cpu")):
+    with layout.varying_shape_attention(torch.device("cpu")):
         assert torch.backends.cuda.cudnn_sdp_enabled() == before

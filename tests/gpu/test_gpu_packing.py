@@ -66,7 +66,7 @@ def test_bf16_weights_pack_on_cuda(tiny_checkpoint, device, arch, implementation
 @pytest.mark.parametrize("packing", ["none", "shared_prompt"])
 def test_our_forwards_never_pick_cudnn_attention(tiny_checkpoint, device, monkeypatch, packing):
     """Each call's shape is new (padded width, packed length), and cuDNN attention builds a graph per shape
-    (rlmf.logprobs.varying_shape_attention): SDPA is called with cuDNN ruled out."""
+    (rlmf.packing.varying_shape_attention): SDPA is called with cuDNN ruled out."""
     model, tokenizer = load(tiny_checkpoint("llama"), "sdpa", device)
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention

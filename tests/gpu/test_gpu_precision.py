@@ -15,7 +15,7 @@ Tolerances, per token (``s = max(1, max |logits / T|)`` of the float32 forward):
   float32 forward (bf16 matmuls all through the decoder; CPU autocast measured up to 0.023 * s, Granite): atol
   0.08 * s. A missed logit scale or soft-cap is off by a sizeable fraction of s, far more.
 - bfloat16 weights: ``check_logprobs_match_forward`` with its own tolerance for them
-  (``rlmf.logprobs.probe_tolerance``).
+  (``rlmf.logprobs_check.probe_tolerance``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import torch
 from checkpoints import ARCHITECTURES, padded_batch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlmf.logprobs import check_logprobs_match_forward, completion_logps, completion_token_logps
+from rlmf.logprobs import completion_logps, completion_token_logps
+from rlmf.logprobs_check import check_logprobs_match_forward
 
 PROMPTS = ["Dear Ms. Alvarez,", "Please find attached", "We would love to schedule a short call",
            "Numbers like 12 and 345"]
