@@ -5,6 +5,9 @@
   ``algo.reference_cache_dir``; a sweep over beta reads them back instead of recomputing.
 * ``lora``: the policy trains a LoRA adapter (peft); the reference is the same network with the adapter disabled,
   so no second copy of the weights exists.
+
+The frozen copy may also be refreshed from the policy during training (TR-DPO, ``algo.reference_sync_steps``):
+:func:`mix_into_reference`, checked by :func:`check_reference_sync`.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ log = logging.getLogger(__name__)
 REFERENCE_CACHE_VERSION = 2
 # The code whose output the reference cache stores: the log-prob path and its kernels (modules, located through the
 # import system: rlmf.kernels is installed from the repository's kernels/rlmf_kernels/ folder).
-_LOGPROB_CODE = ("rlmf.logprobs", "rlmf.kernels.dispatch", "rlmf.kernels.logprobs_torch",
-                 "rlmf.kernels.logprobs_hidden_triton", "rlmf.kernels.logprobs_logits_triton")
+_LOGPROB_CODE = ("rlmf.logprobs", "rlmf.logit_transform", "rlmf.packing", "rlmf.kernels.dispatch",
+                 "rlmf.kernels.logprobs_torch", "rlmf.kernels.logprobs_hidden_triton",
+                 "rlmf.kernels.logprobs_logits_triton")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
 
 
@@ -175,3 +179,40 @@ def prepare_reference(mode: str, model: nn.Module, lora_rank: int = 8, data_form
     if mode in ("precomputed", "none"):
         return model, None
     raise ValueError(f"algo.reference={mode!r} is not one of frozen, precomputed, lora, none")
+
+
+def check_reference_sync(steps: Optional[int], alpha: float, reference_mode: str, data_format: str) -> None:
+    """Raise ``ValueError`` unless TR-DPO's refresh can run: ``steps`` (``algo.reference_sync_steps``) None, or an
+    integer >= 1 with ``alpha`` (``algo.reference_mixup_alpha``) in (0, 1], an offline loss and a frozen reference."""
+    if steps is None:
+        return
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"reference_sync_steps={steps!r} must be an integer >= 1 (optimiser steps between refreshes "
+                         "of the reference), or null for a fixed reference")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+        raise ValueError(f"reference_mixup_alpha={alpha!r} must lie in (0, 1] (1: the reference becomes a copy of "
+                         "the policy)")
+    if data_format == "online":
+        raise ValueError("reference_sync_steps applies to the offline losses (rlmf.modules.generator); the online "
+                         "objectives keep their reference fixed")
+    if reference_mode != "frozen":
+        raise ValueError(f"reference_sync_steps refreshes the frozen copy of the reference, but algo.reference="
+                         f"{reference_mode}: precomputed log-probs of the starting model would go stale, lora's "
+                         "reference is the base network under the adapter, and none has no reference; use frozen "
+                         "(with a loss that takes reference log-probs)")
+
+
+@torch.no_grad()
+def mix_into_reference(reference: nn.Module, policy: nn.Module, alpha: float) -> None:
+    """TR-DPO's refresh, in place: each parameter of ``reference`` becomes ``alpha * policy + (1 - alpha) *
+    reference`` (``alpha = 1``: a copy; Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good
+    Alignment"). Parameters are matched by name; buffers are left alone (they are not trained)."""
+    policy_parameters = dict(policy.named_parameters())
+    for name, target in reference.named_parameters():
+        source = policy_parameters.get(name)
+        if source is None or source.shape != target.shape:
+            raise ValueError(f"cannot refresh the reference from the policy: parameter {name!r} "
+                             f"{'is missing' if source is None else f'has shape {tuple(source.shape)}'} in the "
+                             f"policy (reference: {tuple(target.shape)}); sharded or wrapped policies are not "
+                             "supported")
+        target.mul_(1.0 - alpha).add_(source.detach().to(target.dtype), alpha=alpha)

@@ -6,6 +6,8 @@ from typing import Dict, Optional
 
 import torch
 
+from rlmf.losses.registry import LossResult
+
 
 def check_batch(loss_name: str, **tensors: torch.Tensor) -> None:
     """Raise ``ValueError`` unless every tensor is 1-D ([B]) and all have the same B.
@@ -106,6 +108,17 @@ def preference_metrics(
         "logps/chosen": policy_chosen_logps.detach().mean(),
         "logps/rejected": policy_rejected_logps.detach().mean(),
     }
+
+
+def implicit_reward_result(loss: torch.Tensor, beta: float, rho_c: torch.Tensor, rho_r: torch.Tensor,
+                           policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                           extra_metrics: Optional[Dict[str, torch.Tensor]] = None) -> LossResult:
+    """``loss`` (already reduced to a scalar) with the metrics of the DPO family: the implicit rewards
+    ``beta * rho_c`` and ``beta * rho_r`` of the log-ratios ([B] each, :func:`preference_metrics`) and any
+    ``extra_metrics`` (detached here)."""
+    metrics = preference_metrics(beta * rho_c, beta * rho_r, policy_chosen_logps, policy_rejected_logps)
+    metrics.update({name: value.detach() for name, value in (extra_metrics or {}).items()})
+    return LossResult(loss=loss, metrics=metrics)
 
 
 def unpaired_metrics(rewards: torch.Tensor, desirable: torch.Tensor) -> Dict[str, torch.Tensor]:

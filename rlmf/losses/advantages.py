@@ -1,4 +1,5 @@
-"""Helpers of the online-RL objectives: whitening, per-token KL estimators, GAE and group-relative advantages.
+"""Helpers of the online-RL objectives: whitening, per-token KL estimators, GAE, returns and the advantage estimators
+(group-relative, leave-one-out, REINFORCE++'s, ReMax's greedy baseline, GDPO's decoupled normalisation).
 
 Pure functions over tensors, like the losses. Token-level tensors are ``[B, T]`` (one row per sampled completion,
 one column per completion position) and come with a ``mask`` ``[B, T]`` marking the completion tokens that count:
@@ -20,6 +21,8 @@ import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 SCALE_REWARDS = ("group", "batch", "none")
+# How several rewards become one advantage (TRL's multi_objective_aggregation): see decoupled_group_advantages.
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
 def token_mask(name: str, mask: torch.Tensor, **tensors: torch.Tensor) -> torch.Tensor:
@@ -226,3 +229,91 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     grouped = as_groups("rloo_advantages", rewards, group_size)
     others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
     return (grouped - others_mean).reshape(rewards.shape)
+
+
+def decoupled_group_advantages(rewards: torch.Tensor, weights: torch.Tensor, group_size: int, eps: float = 1e-4
+                               ) -> torch.Tensor:
+    """GDPO's advantages of several rewards: each reward normalised within its group, the weighted sum normalised
+    over the batch.
+
+        n_ik = (R_ik - mean_group(R_k)) / (std_group(R_k) + eps)        S_i = sum_k w_k n_ik
+        A_i  = (S_i - mean_batch(S)) / (std_batch(S) + eps)
+
+    "GDPO: Group reward-Decoupled Normalization Policy Optimization for Multi-reward RL Optimization" (arXiv
+    2601.05242, 2026): summing first (``sum_then_normalize``, :func:`group_advantages` of the weighted sum) lets
+    the reward with the widest spread decide every advantage; normalising each reward in its group first keeps
+    every reward's ranking in play. TRL 1.16's ``multi_objective_aggregation="normalize_then_sum"``, same
+    definition: unbiased stds (divisor ``n - 1``; taken as 0 for a group of one or a batch of one), ``eps`` added
+    outside the square root.
+
+    Shapes: ``rewards`` ``[B * G, K]`` (K rewards of each completion, the ``G`` completions of a prompt adjacent),
+    ``weights`` ``[K]``; returns ``[B * G]``.
+    """
+    if rewards.dim() != 2 or weights.shape != rewards.shape[1:]:
+        raise ValueError(f"decoupled_group_advantages: rewards must be [B * G, K] and weights [K]; got "
+                         f"{tuple(rewards.shape)} and {tuple(weights.shape)}")
+    count = rewards.shape[1]
+    as_groups("decoupled_group_advantages", rewards[:, 0], group_size)  # checks B * G against group_size
+    grouped = rewards.view(-1, group_size, count)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centred[:, :1])
+    total = ((centred / (std + eps)).reshape(-1, count) * weights.to(rewards.dtype)).sum(-1)
+    spread = total.std() if total.numel() > 1 else torch.zeros((), dtype=total.dtype, device=total.device)
+    return (total - total.mean()) / (spread + eps)
+
+
+def outcome_token_rewards(scores: torch.Tensor, penalty: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards of an outcome reward: the per-token ``penalty`` everywhere, plus the completion's score on
+    its last completion token.
+
+        r_t = penalty_t + [t is the last masked token of the row] * score
+
+    The reward of PPO-RLHF (Ziegler et al. 2019), REINFORCE++ (Hu 2025) and ReMax (Li et al. 2023), whose penalty is
+    ``-kl_coef * (old_t - ref_t)`` (k1, :func:`kl_penalty`) or 0. Shapes: ``scores`` ``[B]``; ``penalty`` and
+    ``mask`` ``[B, T]`` (bool mask); returns ``[B, T]`` in ``penalty``'s dtype.
+    """
+    last = mask.long().cumsum(-1).eq(mask.sum(-1, keepdim=True)) & mask
+    return torch.where(last, penalty + scores[:, None].to(penalty.dtype), penalty)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """REINFORCE's return-to-go over the masked completion tokens t_1 < ... < t_n of each row:
+
+        G_i = sum_{l >= 0} gamma^l * r_{t_{i+l}}
+
+    which is :func:`gae` with zero values and ``lam = 1`` (every TD error is then the reward). Masked-out positions
+    are skipped and come back as 0. Shapes: ``rewards``, ``mask`` ``[B, T]``; returns ``[B, T]``.
+    """
+    return gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0)[0]
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++'s advantages: the return-to-go of per-token rewards, whitened over every token of the batch.
+
+        A_t = (G_t - mean) / std          mean, std over all masked tokens of the batch
+
+    Hu 2025, "REINFORCE++: An Efficient RLHF Algorithm with Robustness to Both Prompt and Reward Models" (OpenRLHF's
+    ``--advantage_estimator reinforce``; ``reinforce_baseline`` when the scores are first centred on their group's
+    mean): the rewards are :func:`outcome_token_rewards` with the k1 KL penalty, the returns
+    :func:`discounted_returns`, the normalisation global (the batch, not the group), which is what makes it robust
+    to the prompt's difficulty. The whitening is :func:`whiten` (unbiased variance, 1e-8 inside the square root);
+    OpenRLHF divides by the population variance clamped at 1e-8, a factor ``sqrt(n / (n - 1))`` apart for ``n``
+    tokens. Shapes: ``rewards``, ``mask`` ``[B, T]``; returns ``[B, T]``, 0 outside the mask.
+    """
+    return whiten(discounted_returns(rewards, mask, gamma), mask)
+
+
+def greedy_baseline_advantages(rewards: torch.Tensor, mask: torch.Tensor, baseline: torch.Tensor,
+                               gamma: float = 1.0) -> torch.Tensor:
+    """ReMax's advantages: each token's return-to-go minus the reward of the greedy completion of its prompt.
+
+        A_t = G_t - R(x, y_greedy)
+
+    Li et al. 2023, "ReMax: A Simple, Effective, and Efficient Reinforcement Learning Method for Aligning Large
+    Language Models" (Algorithm 1; as verl's ``remax`` estimator, the KL penalty, when any, is in the per-token
+    rewards and not in the baseline). Shapes: ``rewards``, ``mask`` ``[B, T]``, ``baseline`` ``[B]``; returns
+    ``[B, T]``, 0 outside the mask.
+    """
+    mask = token_mask("greedy_baseline_advantages", mask, rewards=rewards)
+    returns = discounted_returns(rewards, mask, gamma)
+    return torch.where(mask, returns - baseline[:, None].to(returns.dtype), torch.zeros_like(returns))

@@ -18,24 +18,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from rlmf.losses import LossResult, register_loss
+from rlmf.losses.registry import LossResult, register_loss
 from rlmf.losses._common import (
     check_batch,
     check_fraction,
+    implicit_reward_result,
     mean_token_logps,
     paired_log_ratios,
-    preference_metrics,
     weighted_mean,
 )
-
-
-def _result(per_pair_loss, beta, chosen_log_ratios, rejected_log_ratios, policy_chosen_logps, policy_rejected_logps,
-            weights=None):
-    """The batch-mean (or ``weights``-weighted mean) loss with the rewards ``beta * log-ratio`` every loss in this family logs."""
-    metrics = preference_metrics(
-        beta * chosen_log_ratios, beta * rejected_log_ratios, policy_chosen_logps, policy_rejected_logps
-    )
-    return LossResult(loss=weighted_mean(per_pair_loss, weights), metrics=metrics)
 
 
 @register_loss("dpo", data="paired", reference=True)
@@ -60,7 +51,8 @@ def dpo(
         "dpo", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
     per_pair = -F.logsigmoid(beta * (rho_c - rho_r))
-    return _result(per_pair, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps, weights)
+    return implicit_reward_result(weighted_mean(per_pair, weights), beta, rho_c, rho_r, policy_chosen_logps,
+                                  policy_rejected_logps)
 
 
 @register_loss("cdpo", data="paired", reference=True)
@@ -90,7 +82,8 @@ def cdpo(
     )
     logits = beta * (rho_c - rho_r)
     per_pair = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    return _result(per_pair, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps, weights)
+    return implicit_reward_result(weighted_mean(per_pair, weights), beta, rho_c, rho_r, policy_chosen_logps,
+                                  policy_rejected_logps)
 
 
 @register_loss("robust", data="paired", reference=True)
@@ -123,7 +116,8 @@ def robust(
     clean = -(1 - label_smoothing) * F.logsigmoid(logits)
     flipped = -label_smoothing * F.logsigmoid(-logits)
     per_pair = (clean - flipped) / (1 - 2 * label_smoothing)
-    return _result(per_pair, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps, weights)
+    return implicit_reward_result(weighted_mean(per_pair, weights), beta, rho_c, rho_r, policy_chosen_logps,
+                                  policy_rejected_logps)
 
 
 @register_loss("hinge", data="paired", reference=True)
@@ -149,7 +143,8 @@ def hinge(
         "hinge", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
     per_pair = torch.relu(1 - beta * (rho_c - rho_r))
-    return _result(per_pair, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps, weights)
+    return implicit_reward_result(weighted_mean(per_pair, weights), beta, rho_c, rho_r, policy_chosen_logps,
+                                  policy_rejected_logps)
 
 
 @register_loss("ipo", data="paired", reference=True)
@@ -187,4 +182,5 @@ def ipo(
     )
     per_token_margin = mean_token_logps(rho_c, chosen_lengths) - mean_token_logps(rho_r, rejected_lengths)
     per_pair = (per_token_margin - 1 / (2 * beta)) ** 2
-    return _result(per_pair, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps, weights)
+    return implicit_reward_result(weighted_mean(per_pair, weights), beta, rho_c, rho_r, policy_chosen_logps,
+                                  policy_rejected_logps)

@@ -22,15 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from rlmf.losses import LossResult, register_loss
-from rlmf.losses._common import check_fraction, check_weights, paired_log_ratios, preference_metrics, weighted_mean
-
-
-def _result(loss, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps, extra_metrics=None) -> LossResult:
-    """``loss`` (already reduced to a scalar) with the rewards ``beta * rho`` every loss in this file logs."""
-    metrics = preference_metrics(beta * rho_c, beta * rho_r, policy_chosen_logps, policy_rejected_logps)
-    metrics.update({name: value.detach() for name, value in (extra_metrics or {}).items()})
-    return LossResult(loss=loss, metrics=metrics)
+from rlmf.losses.registry import LossResult, register_loss
+from rlmf.losses._common import check_fraction, check_weights, implicit_reward_result, paired_log_ratios, weighted_mean
 
 
 @register_loss("nca_pair", data="paired", reference=True)
@@ -58,7 +51,8 @@ def nca_pair(
     )
     r_c, r_r = beta * rho_c, beta * rho_r
     per_pair = -F.logsigmoid(r_c) - 0.5 * F.logsigmoid(-r_c) - 0.5 * F.logsigmoid(-r_r)
-    return _result(weighted_mean(per_pair, weights), beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps)
+    return implicit_reward_result(weighted_mean(per_pair, weights), beta, rho_c, rho_r, policy_chosen_logps,
+                                  policy_rejected_logps)
 
 
 @register_loss("exo_pair", data="paired", reference=True)
@@ -96,7 +90,8 @@ def exo_pair(
     chosen = torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-label_smoothing))
     rejected = torch.sigmoid(-logits) * (F.logsigmoid(-logits) - math.log(label_smoothing))
     per_pair = chosen + rejected
-    return _result(weighted_mean(per_pair, weights), beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps)
+    return implicit_reward_result(weighted_mean(per_pair, weights), beta, rho_c, rho_r, policy_chosen_logps,
+                                  policy_rejected_logps)
 
 
 @register_loss("bco_pair", data="paired", reference=True)
@@ -131,8 +126,8 @@ def bco_pair(
     r_c, r_r = beta * rho_c, beta * rho_r
     delta = weighted_mean((r_c + r_r).detach() / 2, weights)
     per_pair = -F.logsigmoid(r_c - delta) - F.logsigmoid(-(r_r - delta))
-    return _result(weighted_mean(per_pair, weights), beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps,
-                   {"rewards/delta": delta})
+    return implicit_reward_result(weighted_mean(per_pair, weights), beta, rho_c, rho_r, policy_chosen_logps,
+                                  policy_rejected_logps, {"rewards/delta": delta})
 
 
 @register_loss("sppo_hard", data="paired", reference=True)
@@ -162,7 +157,8 @@ def sppo_hard(
         "sppo_hard", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
     per_pair = (rho_c - 0.5 / beta) ** 2 + (rho_r + 0.5 / beta) ** 2
-    return _result(weighted_mean(per_pair, weights), beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps)
+    return implicit_reward_result(weighted_mean(per_pair, weights), beta, rho_c, rho_r, policy_chosen_logps,
+                                  policy_rejected_logps)
 
 
 def quantile_coupling(a: torch.Tensor, b: torch.Tensor, weights: Optional[torch.Tensor] = None):
@@ -232,7 +228,7 @@ def aot(
     )
     loss = _aot_loss(policy_chosen_logps - policy_rejected_logps, reference_chosen_logps - reference_rejected_logps,
                      weights, beta, label_smoothing)
-    return _result(loss, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps)
+    return implicit_reward_result(loss, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps)
 
 
 @register_loss("aot_unpaired", data="paired", reference=True)
@@ -264,7 +260,7 @@ def aot_unpaired(
         "aot_unpaired", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
     loss = _aot_loss(rho_c, rho_r, weights, beta, label_smoothing)
-    return _result(loss, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps)
+    return implicit_reward_result(loss, beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps)
 
 
 @register_loss("discopop", data="paired", reference=True)
@@ -297,7 +293,8 @@ def discopop(
     )
     x = beta * (rho_c - rho_r)
     per_pair = torch.sigmoid(-x / tau) * -F.logsigmoid(x) + torch.exp(F.logsigmoid(x / tau) - x)
-    return _result(weighted_mean(per_pair, weights), beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps)
+    return implicit_reward_result(weighted_mean(per_pair, weights), beta, rho_c, rho_r, policy_chosen_logps,
+                                  policy_rejected_logps)
 
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -357,4 +354,5 @@ def f_dpo(
     score_c = f_divergence_score(rho_c, f_divergence_type, f_alpha_divergence_coef)
     score_r = f_divergence_score(rho_r, f_divergence_type, f_alpha_divergence_coef)
     per_pair = -F.logsigmoid(beta * (score_c - score_r))
-    return _result(weighted_mean(per_pair, weights), beta, rho_c, rho_r, policy_chosen_logps, policy_rejected_logps)
+    return implicit_reward_result(weighted_mean(per_pair, weights), beta, rho_c, rho_r, policy_chosen_logps,
+                                  policy_rejected_logps)

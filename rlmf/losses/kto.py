@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from rlmf.losses import LossResult, register_loss
+from rlmf.losses.registry import LossResult, register_loss
 from rlmf.losses._common import check_batch, unpaired_metrics, weighted_mean
 
 

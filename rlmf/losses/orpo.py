@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from rlmf.losses import LossResult, register_loss
+from rlmf.losses.registry import LossResult, register_loss
 from rlmf.losses._common import check_batch, mean_token_logps, preference_metrics, token_mean_nll, weighted_mean
 
 _LOG_HALF = -math.log(2.0)

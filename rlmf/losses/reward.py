@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from rlmf.losses._common import weighted_mean
 
-from rlmf.losses import LossResult
+from rlmf.losses.registry import LossResult
 
 
 def bradley_terry_loss(

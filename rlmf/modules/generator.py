@@ -8,7 +8,14 @@ KTO mismatched completions, HyPO's online samples) is declared by the loss itsel
 its argument names which tensors it is given.
 
 Reference log-probs come from, in order: the batch (``reference_logps``, precomputed and cached on disk), the
-policy with its LoRA adapter disabled (``reference_mode="lora"``), or a frozen copy of the starting policy.
+policy with its LoRA adapter disabled (``reference_mode="lora"``), or a frozen copy of the starting policy, which
+TR-DPO refreshes from the policy every ``reference_sync_steps`` optimiser steps
+(:func:`rlmf.reference.mix_into_reference`).
+
+A paired loss that names per-token inputs (``*_token_logps``, ``*_token_mask``: LD-DPO) is given the per-token
+log-probs of the same forward, and one that names ``*_log_sum_sq_probs`` (WPO) the policy's ``log sum_v p(v)^2``
+summed over each completion (:func:`rlmf.logprobs.completion_token_logps_and_sq_probs`); other losses take the
+summed log-probs as before.
 
 The decoder runs on the layout ``packing`` names (:mod:`rlmf.packing`; ``generator.packing``): with
 ``shared_prompt`` a pair's chosen and rejected rows, HyPO's samples of a prompt and a KTO row with its mismatched row
@@ -31,10 +38,11 @@ import torch
 from torch import nn
 
 from rlmf.generation import completion_rows, sample_tokens
-from rlmf.logprobs import completion_logps
-from rlmf.losses import get_loss, loss_inputs, takes_weights
+from rlmf.logprobs import completion_logps, completion_token_logps, completion_token_logps_and_sq_probs
+from rlmf.losses import bind_loss
 from rlmf.packing import row_groups, stack_rows
 from rlmf.placement import put
+from rlmf.reference import check_reference_sync, mix_into_reference
 
 
 def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -67,7 +75,8 @@ class Generator(L.LightningModule):
                  lr: float = 1e-3, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
                  reference: Optional[nn.Module] = None, reference_mode: str = "frozen", online_samples: int = 4,
                  max_new_tokens: int = 96, temperature: float = 1.0, stop_token_ids: Optional[List[int]] = None,
-                 pad_token_id: Optional[int] = None, metric_prefix: str = "generator", packing: str = "none"):
+                 pad_token_id: Optional[int] = None, metric_prefix: str = "generator", packing: str = "none",
+                 reference_sync_steps: Optional[int] = None, reference_mixup_alpha: float = 0.6):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "reference"])
         self.model = model
@@ -75,9 +84,11 @@ class Generator(L.LightningModule):
         # rebuilt from the starting model), wrapped by DDP/FSDP, or switched to train mode by a parent's .train().
         # on_fit_start places it beside the policy, through the same placement path as every other model.
         self._reference = [reference.requires_grad_(False).eval()] if reference is not None else []
-        self.loss_fn = get_loss(loss_name)
-        self.loss_kwargs = dict(loss_kwargs or {})
+        self.loss_fn = bind_loss(loss_name, loss_kwargs)  # raises for hyperparameters the loss refuses
+        check_reference_sync(reference_sync_steps, reference_mixup_alpha,
+                             reference_mode if reference is not None else "none", self.loss_fn.data_format)
         self._step_started = None
+        self._reference_synced_at = 0  # the optimiser step of the last TR-DPO refresh
 
     @property
     def reference(self) -> Optional[nn.Module]:
@@ -95,8 +106,9 @@ class Generator(L.LightningModule):
     # Rows that share a prompt (a pair's chosen and rejected rows, HyPO's k samples of a prompt, a KTO row and its
     # mismatched row) are given one group id: with packing=shared_prompt the decoder encodes their prompt once.
     def _logps(self, model: nn.Module, rows: Tuple[torch.Tensor, ...], groups: Optional[torch.Tensor],
-               temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        return completion_logps(model, *rows, temperature=temperature, packing=self.hparams.packing, groups=groups)
+               temperature: float, score: Callable = completion_logps) -> Tuple[torch.Tensor, ...]:
+        """``score`` (:func:`rlmf.logprobs.completion_logps` or one of its per-token siblings) of ``rows``."""
+        return score(model, *rows, temperature=temperature, packing=self.hparams.packing, groups=groups)
 
     @staticmethod
     def _rows(batch: Dict[str, torch.Tensor], prefix: str) -> Tuple[torch.Tensor, ...]:
@@ -118,18 +130,18 @@ class Generator(L.LightningModule):
         return self._reference_logps(self._rows(batch, prefix), groups, temperature, prefix)
 
     def _reference_logps(self, rows: Tuple[torch.Tensor, ...], groups: Optional[torch.Tensor], temperature: float,
-                         what: str = "") -> torch.Tensor:
-        """The reference forward, under ``inference_mode`` (no autograd bookkeeping at all); the ``[B]`` result is
-        cloned out of it so that the loss may use it like any tensor."""
+                         what: str = "", score: Callable = completion_logps) -> torch.Tensor:
+        """The reference forward, under ``inference_mode`` (no autograd bookkeeping at all); the result (``[B]``, or
+        ``[B, T]`` for a per-token ``score``) is cloned out of it so that the loss may use it like any tensor."""
         if self.hparams.reference_mode != "lora" and self.reference is None:
             raise RuntimeError(f"loss {self.hparams.loss_name!r} needs reference log-probs for the {what or 'main'}"
                                " rows, but the batch has none and no reference model was given (algo.reference)")
         with torch.inference_mode():
             if self.hparams.reference_mode == "lora":
                 with self.model.disable_adapter():
-                    logps = self._logps(self.model, rows, groups, temperature)[0]
+                    logps = self._logps(self.model, rows, groups, temperature, score)[0]
             else:
-                logps = self._logps(self.reference, rows, groups, temperature)[0]
+                logps = self._logps(self.reference, rows, groups, temperature, score)[0]
         return logps.clone()
 
     def _reference_with_mismatched(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +195,7 @@ class Generator(L.LightningModule):
         if fmt == "unpaired":
             logps, lengths = self.policy_logps(batch)
             inputs = {"policy_logps": logps, "lengths": lengths, "desirable": batch["desirable"]}
-            if "policy_kl_logps" in loss_inputs(self.hparams.loss_name):
+            if "policy_kl_logps" in self.loss_fn.inputs:
                 with torch.no_grad():  # the KL reference point z is detached by definition
                     inputs["policy_kl_logps"] = self._from_all_ranks(self.policy_logps(batch, "kl_")[0])
                 reference, reference_kl = self._reference_with_mismatched(batch)
@@ -192,31 +204,54 @@ class Generator(L.LightningModule):
                 reference = self.reference_logps(batch) if needs_reference else None
             inputs["reference_logps"] = reference
             return inputs
-        pairs = row_groups(batch)  # the chosen row i and the rejected row B + i share prompt i
-        logps, lengths = self.policy_logps(batch, groups=pairs)
-        reference = self.reference_logps(batch, groups=pairs) if needs_reference else None
-        b = logps.shape[0] // 2
-        inputs = {"policy_chosen_logps": logps[:b], "policy_rejected_logps": logps[b:],
-                  "chosen_lengths": lengths[:b], "rejected_lengths": lengths[b:]}
-        if reference is not None:
-            inputs.update(reference_chosen_logps=reference[:b], reference_rejected_logps=reference[b:])
+        inputs = self._paired_inputs(batch)
+        b = inputs["policy_chosen_logps"].shape[0]
         if fmt == "paired_online":
             # Scored at the temperature they were sampled at, so the KL estimate is of the distribution sampled.
             online = self.sample_online(batch["online_prompt_ids"], batch["online_prompt_mask"])
             k, t = self.hparams.online_samples, self.hparams.temperature
-            prompts = torch.arange(b, device=logps.device).repeat_interleave(k)  # k samples per prompt, adjacent
+            prompts = torch.arange(b, device=batch["input_ids"].device).repeat_interleave(k)  # k per prompt, adjacent
             inputs["policy_online_logps"] = self.policy_logps(online, "online_", t, prompts)[0].view(b, k)
             inputs["reference_online_logps"] = self.reference_logps(online, "online_", t, prompts).view(b, k)
         return inputs
 
+    def _paired_inputs(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """A paired loss's inputs from ``[2B]`` chosen-then-rejected rows: the ``[B]`` summed log-probs and lengths,
+        and the per-token ``[B, T]`` tensors or WPO's ``log sum_v p(v)^2`` sums where the loss names them."""
+        wanted, pairs = self.loss_fn.inputs, row_groups(batch)  # chosen row i and rejected row B + i share prompt i
+        sq_probs = any(i.endswith("_log_sum_sq_probs") for i in wanted)
+        per_row: Dict[str, torch.Tensor] = {}  # "{}" is chosen or rejected
+        if sq_probs or any(i.endswith(("_token_logps", "_token_mask")) for i in wanted):
+            score = completion_token_logps_and_sq_probs if sq_probs else completion_token_logps
+            token_logps, mask, *log_sum_sq = self._logps(self.model, self._rows(batch, ""), pairs, 1.0, score)
+            logps, lengths = token_logps.sum(-1), mask.sum(-1)  # what completion_logps returns
+            per_row.update({"policy_{}_token_logps": token_logps, "{}_token_mask": mask})
+            if sq_probs:
+                per_row["policy_{}_log_sum_sq_probs"] = log_sum_sq[0].sum(-1)
+        else:
+            logps, lengths = self.policy_logps(batch, groups=pairs)
+        per_row.update({"policy_{}_logps": logps, "{}_lengths": lengths})
+        if self.loss_fn.requires_reference and self.loss_fn.reference_per_token:
+            if "reference_logps" in batch:
+                raise RuntimeError(f"loss {self.hparams.loss_name!r} needs the reference's per-token log-probs, but "
+                                   "the batch holds precomputed sums (algo.reference=precomputed): use frozen or lora")
+            reference = self._reference_logps(self._rows(batch, ""), pairs, 1.0, score=completion_token_logps)
+            per_row.update({"reference_{}_token_logps": reference, "reference_{}_logps": reference.sum(-1)})
+        elif self.loss_fn.requires_reference:
+            per_row["reference_{}_logps"] = self.reference_logps(batch, groups=pairs)
+        b = logps.shape[0] // 2
+        inputs = {}
+        for pattern, value in per_row.items():
+            inputs[pattern.format("chosen")], inputs[pattern.format("rejected")] = value[:b], value[b:]
+        return inputs
+
     def _shared_step(self, batch: Dict[str, torch.Tensor], split: str) -> torch.Tensor:
         inputs = self._loss_inputs(batch)
-        wanted = loss_inputs(self.hparams.loss_name)
-        if "weights" in batch and takes_weights(self.hparams.loss_name):  # per-example evidence (issue #12)
+        wanted = self.loss_fn.inputs
+        if "weights" in batch and self.loss_fn.takes_weights:  # per-example evidence (issue #12)
             wanted = (*wanted, "weights")
             inputs["weights"] = batch["weights"]
-        result = self.loss_fn(**{k: v for k, v in inputs.items() if k in wanted and v is not None},
-                              **self.loss_kwargs)
+        result = self.loss_fn(**{k: v for k, v in inputs.items() if k in wanted and v is not None})
         batch_size = batch["input_ids"].shape[0]
         metrics = {"loss": result.loss.detach(), **result.metrics}
         # Per-token means beside the losses' own (TRL-named) sums: logps_per_token/chosen, .../rejected, ...
@@ -250,6 +285,29 @@ class Generator(L.LightningModule):
         tokens = int(batch["attention_mask"].sum())
         self.log(f"{self.hparams.metric_prefix}/train/tokens_per_second", tokens / max(elapsed, 1e-9), on_step=True,
                  batch_size=1)
+        self._sync_reference()
+
+    # --- TR-DPO: the frozen reference refreshed from the policy ----------------------------------------------------
+    def _sync_reference(self) -> None:
+        """After every ``reference_sync_steps``-th optimiser step (not every micro-batch of an accumulated one):
+        ``reference <- alpha * policy + (1 - alpha) * reference`` (Gorbatovski et al. 2024; TRL's
+        ``sync_ref_model``)."""
+        every, step = self.hparams.reference_sync_steps, self.trainer.global_step
+        if every is None or step == 0 or step % every or step == self._reference_synced_at:
+            return
+        mix_into_reference(self.reference, self.model, self.hparams.reference_mixup_alpha)
+        self._reference_synced_at = step
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # A refreshed reference is no longer the starting policy it is rebuilt from: resuming needs its weights.
+        if self.hparams.reference_sync_steps is not None:
+            checkpoint["reference_state_dict"] = self.reference.state_dict()
+            checkpoint["reference_synced_at"] = self._reference_synced_at
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        if self.hparams.reference_sync_steps is not None and "reference_state_dict" in checkpoint:
+            self.reference.load_state_dict(checkpoint["reference_state_dict"])
+            self._reference_synced_at = checkpoint["reference_synced_at"]
 
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "val")

@@ -18,7 +18,10 @@ def _make_inputs(
     per_token_scale: float = 1.5,
 ) -> dict:
     """Inputs for loss ``name``: summed log-probs ([B], or [B, k] for online samples) of about ``-per_token_scale``
-    per token, reference log-probs a few nats away, lengths in [1, max_length], a mix of desirable rows.
+    per token, reference log-probs a few nats away, lengths in [1, max_length], a mix of desirable rows. Per-token
+    inputs (``*_token_logps``, ``*_token_mask``: [B, max_length + 1], the completion after a one-token offset, 0
+    elsewhere) and WPO's summed ``log sum_v p(v)^2`` (between ``2 log p`` and ``-10`` nats per token, as a
+    distribution over a vocabulary of about e^10 tokens allows) where the loss names them.
 
     Raises for an input name it does not know, so a new loss with a new kind of input cannot slip past the
     generic tests.
@@ -53,10 +56,32 @@ def _make_inputs(
         keep_dtype = ("mask", "preferences")
         return {k: rollout[k].to(dtype) if k not in keep_dtype else rollout[k] for k in loss_inputs(name)}
 
+    def token_mask(side):
+        positions = torch.arange(max_length + 1)[None]
+        return (positions >= 1) & (positions < 1 + length(side)[:, None])
+
+    def per_token(side):
+        values = -per_token_scale * (0.2 + 1.6 * torch.rand((batch_size, max_length + 1), generator=g,
+                                                              dtype=torch.float64))
+        return torch.where(token_mask(side), values, 0.0).to(dtype)
+
     inputs = {}
     for input_name in loss_inputs(name):
         side = "rejected" if "rejected" in input_name else "kl" if "kl" in input_name else "chosen"
-        if input_name == "desirable":
+        if input_name.endswith("_token_mask"):
+            inputs[input_name] = token_mask(side)
+        elif input_name.startswith("policy_") and input_name.endswith("_token_logps"):
+            inputs[input_name] = per_token(side)
+        elif input_name.startswith("reference_") and input_name.endswith("_token_logps"):
+            policy = inputs["policy_" + input_name[len("reference_"):]]
+            noise = 0.5 * torch.randn(policy.shape, generator=g, dtype=torch.float64).to(dtype)
+            inputs[input_name] = torch.where(token_mask(side), policy + noise, 0.0)
+        elif input_name.endswith("_log_sum_sq_probs"):
+            policy = inputs["policy_" + side + "_logps"]
+            floor = -10.0 * length(side).to(dtype)
+            mix = torch.rand(batch_size, generator=g, dtype=torch.float64).to(dtype)
+            inputs[input_name] = torch.maximum(2 * policy, floor) * (0.3 + 0.7 * mix)
+        elif input_name == "desirable":
             inputs[input_name] = torch.arange(batch_size) % 3 != 1
         elif input_name.endswith("lengths"):
             inputs[input_name] = length(side)

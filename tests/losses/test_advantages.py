@@ -8,9 +8,10 @@ TD errors over the completion tokens, group statistics with ``statistics.mean`` 
 TRL agreement: GRPO's group advantages live inline in ``GRPOTrainer._generate_and_score_completions``, which is
 called unbound on a stand-in ``self`` (generation and reward functions replaced by lambdas that return fixed token
 lists and our rewards; a single-process accelerator), so TRL's own code computes the baselines and standard
-deviations. The RLOO counterpart (``rloo_rewards`` + ``rloo_advantages`` against
-``RLOOTrainer._generate_and_score_completions``) and the TRL checks of the k1 / k3 estimators (through the ``kl``
-metrics of RLOOTrainer and GRPOTrainer) are in ``test_policy_gradient.py``.
+deviations (and, with two reward functions, GDPO's ``normalize_then_sum``). The RLOO counterpart
+(``rloo_rewards`` + ``rloo_advantages`` against ``RLOOTrainer._generate_and_score_completions``) and the TRL checks
+of the k1 / k3 estimators (through the ``kl`` metrics of RLOOTrainer and GRPOTrainer) are in
+``test_policy_gradient.py``; REINFORCE++'s and ReMax's advantages (no TRL counterpart) in ``test_reinforce.py``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from trl.trainer.grpo_trainer import GRPOTrainer
 
-from rlmf.losses.advantages import gae, group_advantages, kl_penalty, rloo_advantages, whiten
+from rlmf.losses.advantages import (
+    decoupled_group_advantages,
+    gae,
+    group_advantages,
+    kl_penalty,
+    rloo_advantages,
+    whiten,
+)
 from rlmf.losses.policy_gradient import drop_uniform_groups
 
 TOLERANCE = dict(atol=1e-10, rtol=1e-10)
@@ -312,10 +320,13 @@ def test_group_advantages_reject_bad_arguments():
         group_advantages(rewards.view(2, 3), 2)
 
 
-def _grpo_generation_trainer(rewards: torch.Tensor, group_size: int, scale_rewards: str):
+def _grpo_generation_trainer(rewards: torch.Tensor, group_size: int, scale_rewards: str,
+                             weights: torch.Tensor = torch.ones(1, dtype=torch.float64),
+                             aggregation: str = "sum_then_normalize"):
     """A stand-in ``self`` for ``GRPOTrainer._generate_and_score_completions``: generation returns fixed token
-    lists, the one reward function returns ``rewards``; no vLLM, tools, images, reference model or accelerator."""
-    count = rewards.numel()
+    lists, the reward functions return ``rewards`` ([N], or [N, K] for K functions of ``weights``); no vLLM, tools,
+    images, reference model or accelerator."""
+    count = rewards.shape[0]
     trainer = SimpleNamespace(
         accelerator=SimpleNamespace(
             device=torch.device("cpu"), gather=lambda t: t, num_processes=1, process_index=0
@@ -337,10 +348,11 @@ def _grpo_generation_trainer(rewards: torch.Tensor, group_size: int, scale_rewar
         pad_to_multiple_of=None,
         _tokenizer=SimpleNamespace(pad_token_id=0),
         num_generations=group_size,
-        multi_objective_aggregation="sum_then_normalize",
+        multi_objective_aggregation=aggregation,
         scale_rewards=scale_rewards,
-        reward_weights=torch.ones(1, dtype=torch.float64),
-        reward_func_names=["score"],
+        reward_weights=weights,
+        reward_func_names=[f"score_{k}" for k in range(len(weights))],
+        reward_funcs=[None] * len(weights),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _logs={"prompt": [], "completion": [], "rewards": defaultdict(list), "advantages": [],
                "extra": defaultdict(list)},
@@ -351,7 +363,8 @@ def _grpo_generation_trainer(rewards: torch.Tensor, group_size: int, scale_rewar
     trainer._generate = lambda prompts: (
         [[1, 2]] * len(prompts), [[3, 4, 5]] * len(prompts), None, ["c"] * len(prompts), None, None, None, None
     )
-    trainer._calculate_rewards = lambda inputs, prompts, completions, ids: rewards[:, None].clone()
+    trainer._calculate_rewards = lambda inputs, prompts, completions, ids: (
+        rewards if rewards.dim() == 2 else rewards[:, None]).clone()
     return trainer
 
 
@@ -370,6 +383,59 @@ def test_group_advantages_match_trl_grpo(scale_rewards):
         dropped = 1 - drop_uniform_groups(rewards, 4).double().mean().item()
         assert math.isclose(dropped, trainer._metrics["train"]["frac_reward_zero_std"][-1], rel_tol=1e-6)
         assert dropped == 0.25
+
+
+def reference_decoupled(rewards, weights, group_size, eps):
+    """GDPO in Python floats: each reward column normalised in its group (unbiased std), the weighted sum normalised
+    over the batch."""
+    columns = list(zip(*rewards.tolist()))
+    normalised = []
+    for column in columns:
+        out = []
+        for start in range(0, len(column), group_size):
+            group = column[start:start + group_size]
+            std = statistics.stdev(group) if group_size > 1 else 0.0
+            out.extend((x - statistics.fmean(group)) / (std + eps) for x in group)
+        normalised.append(out)
+    total = [sum(w * column[i] for w, column in zip(weights.tolist(), normalised)) for i in range(len(columns[0]))]
+    return torch.tensor([(x - statistics.fmean(total)) / (statistics.stdev(total) + eps) for x in total],
+                        dtype=torch.float64)
+
+
+def member_rewards(seed, prompts=4, group_size=4):
+    """[B * G, 2]: a wide-spread reward and a 0/1 one (one group uniform in it), the case GDPO is about."""
+    g = torch.Generator().manual_seed(seed)
+    wide = 10 * torch.randn(prompts * group_size, generator=g, dtype=torch.float64)
+    binary = (torch.rand(prompts * group_size, generator=g) > 0.5).double()
+    binary[:group_size] = 1.0
+    return torch.stack([wide, binary], dim=1)
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0], [0.5, 2.0]])
+def test_decoupled_group_advantages_match_the_formula_and_trl(weights):
+    """TRL: ``GRPOTrainer._generate_and_score_completions`` with two reward functions of ``reward_weights``
+    and ``multi_objective_aggregation="normalize_then_sum"``; its ``advantages`` against ours."""
+    rewards, weights = member_rewards(10), torch.tensor(weights, dtype=torch.float64)
+    ours = decoupled_group_advantages(rewards, weights, 4)
+    torch.testing.assert_close(ours, reference_decoupled(rewards, weights, 4, 1e-4), **TOLERANCE)
+    trainer = _grpo_generation_trainer(rewards, 4, "group", weights, "normalize_then_sum")
+    output = GRPOTrainer._generate_and_score_completions(trainer, [{"prompt": "p"}] * rewards.shape[0])
+    torch.testing.assert_close(ours, output["advantages"].to(ours.dtype), **TRL_TOLERANCE)
+    # Summing first lets the wide reward decide: the 0/1 reward's ranking is lost in sum_then_normalize.
+    summed = group_advantages((rewards * weights).sum(1), 4)
+    assert not torch.allclose(summed, ours, atol=0.05)
+
+
+def test_decoupled_group_advantages_edges():
+    rewards = member_rewards(11)
+    one = decoupled_group_advantages(rewards[:, :1], torch.ones(1, dtype=torch.float64), 4)
+    # One reward: group-normalise, then normalise over the batch.
+    torch.testing.assert_close(one, reference_decoupled(rewards[:, :1], torch.ones(1), 4, 1e-4), **TOLERANCE)
+    assert torch.equal(decoupled_group_advantages(rewards[:1], torch.ones(2), 1), torch.zeros(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"weights \[K\]"):
+        decoupled_group_advantages(rewards, torch.ones(3), 4)
+    with pytest.raises(ValueError, match="group_size"):
+        decoupled_group_advantages(rewards, torch.ones(2), 5)
 
 
 # ------------------------------------------------------------------------------------------ rloo_advantages

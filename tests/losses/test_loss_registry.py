@@ -11,7 +11,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from rlmf.losses import LOSSES, LossResult, get_loss, loss_hyperparameters, loss_inputs, takes_weights
+from rlmf.losses import (
+    LOSSES,
+    LossResult,
+    get_loss,
+    loss_hyperparameters,
+    loss_inputs,
+    takes_entropies,
+    takes_weights,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 ALGO_DIR = REPO / "conf" / "algo"
@@ -31,6 +39,12 @@ EXPECTED = {
     "aot_unpaired": ("paired", True, set()),
     "discopop": ("paired", True, set()),
     "f_dpo": ("paired", True, set()),
+    "ld_dpo": ("paired", True, set()),
+    "wpo": ("paired", True, {"wpo/pair_weight"}),
+    "sft_chosen": ("paired", False, {"nll"}),
+    # MPO's parts by default; every metric under its part's name
+    "mixture": ("paired", True, {"dpo/loss", "dpo/rewards/margins", "bco_pair/loss", "bco_pair/rewards/delta",
+                                 "sft_chosen/loss", "sft_chosen/nll"}),
     "orpo": ("paired", False, {"log_odds_ratio", "nll"}),
     "simpo": ("paired", False, set()),
     "cpo": ("paired", False, {"nll"}),
@@ -43,6 +57,11 @@ EXPECTED = {
     "rloo": ("online", False, {"clip_ratio/region_mean"}),
     "ppo": ("online", False, {"loss/policy", "loss/value", "policy/clipfrac", "val/explained_variance"}),
     "online_dpo": ("online", True, {"rewards/chosen", "rewards/rejected", "rewards/margins", "pairs"}),
+    "gspo": ("online", False, {"clip_ratio/region_mean", "clip_ratio/low_min"}),
+    "cispo": ("online", False, {"cispo_clip_ratio"}),
+    "reinforce_pp": ("online", False, {"clip_ratio/region_mean"}),
+    "reinforce_pp_baseline": ("online", False, {"clip_ratio/region_mean"}),
+    "remax": ("online", False, {"clip_ratio/region_mean"}),
 }
 REWARD_METRICS = {
     "sft": set(),
@@ -52,6 +71,13 @@ REWARD_METRICS = {
     "online": set(),
 }
 ALL_LOSSES = sorted(LOSSES)
+# Losses whose own metrics are not the implicit rewards of their data format: SFT on paired data has none, and a
+# mixture logs each part's under the part's name.
+NO_REWARD_METRICS = {"sft_chosen", "mixture"}
+# A loss made of other losses: it takes its parts' inputs by name (**inputs) and its parts as a mapping.
+COMPOSITE = {"mixture"}
+# conf/algo files that are another loss with settings beyond algo.loss (TR-DPO: DPO with a refreshed reference).
+PRESETS = {"tr_dpo": ("dpo", {"reference_sync_steps", "reference_mixup_alpha"})}
 
 
 def test_registered_names():
@@ -78,14 +104,14 @@ def test_registration_flags(name):
     assert any(i.startswith("reference_") for i in loss_inputs(name)) is reference
 
 
-@pytest.mark.parametrize("name", ALL_LOSSES)
+@pytest.mark.parametrize("name", [n for n in ALL_LOSSES if n not in COMPOSITE])
 def test_signature_tensors_required_hyperparameters_defaulted(name):
     parameters = inspect.signature(get_loss(name)).parameters.values()
     kinds = {p.kind for p in parameters}
     assert kinds <= {inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY}
     for p in parameters:
-        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.name == "weights":
-            assert p.default is None, f"{name}: weights must be optional (None: unweighted)"
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.name in ("weights", "entropies"):
+            assert p.default is None, f"{name}: {p.name} must be optional (None: unweighted, no entropy option)"
         elif p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
             assert p.default is inspect.Parameter.empty, f"{name}: input {p.name} must not have a default"
         else:
@@ -94,8 +120,11 @@ def test_signature_tensors_required_hyperparameters_defaulted(name):
                 name, p.name)
     inputs = loss_inputs(name)
     data = EXPECTED[name][0]
-    if data in ("paired", "paired_online"):
-        assert inputs[:2] == ("policy_chosen_logps", "policy_rejected_logps")
+    if data in ("paired", "paired_online") and name == "sft_chosen":
+        assert inputs == ("policy_chosen_logps", "chosen_lengths")
+    elif data in ("paired", "paired_online"):  # summed log-probs, or per-token ones [B, T] (LD-DPO)
+        assert inputs[:2] in (("policy_chosen_logps", "policy_rejected_logps"),
+                              ("policy_chosen_token_logps", "policy_rejected_token_logps"))
     else:
         assert inputs[0] == "policy_logps"
     if data == "unpaired":
@@ -105,6 +134,11 @@ def test_signature_tensors_required_hyperparameters_defaulted(name):
     if takes_weights(name):
         names = list(inspect.signature(get_loss(name)).parameters)
         assert names[len(inputs)] == "weights" and "weights" not in inputs
+    assert takes_entropies(name) <= (data == "online"), "per-token entropies are an online objective's option"
+    # an online loss names the estimator that builds its targets, and only an online loss does
+    assert (get_loss(name).targets is not None) is (data == "online")
+    for key, allowed in get_loss(name).choices.items():
+        assert loss_hyperparameters(name)[key] in allowed, f"{name}: the default {key} is not one of its choices"
 
 
 @pytest.mark.parametrize("name", ALL_LOSSES)
@@ -129,7 +163,7 @@ def test_result_contract(name, make_inputs):
     assert isinstance(result, LossResult)
     assert result.loss.dim() == 0 and result.loss.requires_grad
     data, _, specific = EXPECTED[name]
-    assert REWARD_METRICS[data] | specific <= set(result.metrics)
+    assert (set() if name in NO_REWARD_METRICS else REWARD_METRICS[data]) | specific <= set(result.metrics)
     for metric, value in result.metrics.items():
         assert value.dim() == 0 and not value.requires_grad, metric
     # Pure: inputs untouched, and a second call gives the same numbers.
@@ -178,7 +212,32 @@ def test_algo_config_mirrors_the_function(name):
 
 
 def test_no_algo_config_without_a_loss():
-    assert {p.stem for p in ALGO_DIR.glob("*.yaml")} == set(LOSSES)
+    assert {p.stem for p in ALGO_DIR.glob("*.yaml")} == set(LOSSES) | set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_algo_presets_are_a_loss_with_its_defaults_and_their_own_settings(preset):
+    path = ALGO_DIR / f"{preset}.yaml"
+    assert re.search(r"\b20\d\d\b", path.read_text().splitlines()[0]), "first line must name the paper"
+    cfg = OmegaConf.to_container(OmegaConf.load(path))
+    name, settings = PRESETS[preset]
+    assert cfg["name"] == name and cfg["loss"] == loss_hyperparameters(name)
+    assert set(cfg) == {"name", "reference", "loss"} | settings
+
+
+def test_the_mixture_takes_its_parts_inputs_and_its_default_is_mpo():
+    parameters = inspect.signature(get_loss("mixture")).parameters
+    assert [p.kind for p in parameters.values()] == [inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                     inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD]
+    assert parameters["weights"].default is None and takes_weights("mixture")
+    assert loss_hyperparameters("mixture")["parts"] == {"dpo": {"weight": 0.8, "beta": 0.1},
+                                                       "bco_pair": {"weight": 0.2, "beta": 0.1},
+                                                       "sft_chosen": {"weight": 1.0}}
+    assert loss_inputs("mixture") == ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
+                                      "reference_rejected_logps", "chosen_lengths")
+    reference_free = {"parts": {"simpo": {"weight": 1.0}, "sft_chosen": {"weight": 0.5}}}
+    assert loss_inputs("mixture", reference_free) == ("policy_chosen_logps", "policy_rejected_logps",
+                                                      "chosen_lengths", "rejected_lengths")
 
 
 # -------------------------------------------------------------------------------------------- docs/losses.md

@@ -23,12 +23,17 @@ ALL_LOSSES = sorted(LOSSES)
 # them: KTO's reference point z is detached (a constant by design), and HyPO's online term uses a score-function
 # surrogate (its gradient is checked in expectation in test_hypo_estimator.py).
 NOT_FINITE_DIFFERENTIABLE = {"policy_kl_logps", "reference_kl_logps", "policy_online_logps", "reference_online_logps"}
-# Losses with a detached batch statistic computed from the checked inputs themselves (BCO's reward shift delta, the
-# batch's mean reward): finite differences move it, the gradient holds it fixed by design. Their gradients with the
-# statistic held fixed are checked against the paper's formula (test_dpo_variants.py) and TRL
-# (test_losses_against_trl.py::test_bco_pair_matches_trl_with_the_reference_moved_by_the_shift).
-DETACHED_BATCH_STATISTIC = {"bco_pair"}
-GRADCHECKED = [name for name in ALL_LOSSES if name not in DETACHED_BATCH_STATISTIC]
+# Losses with a detached statistic computed from the checked inputs themselves (BCO's reward shift delta, the
+# batch's mean reward; WPO's pair weights, the policy's own probabilities; the default mixture, which holds BCO):
+# finite differences move it, the gradient holds it fixed by design. Their gradients with the statistic held fixed
+# are checked against the paper's formula (test_dpo_variants.py, test_dpo_tokens.py) and TRL
+# (test_losses_against_trl.py::test_bco_pair_matches_trl_with_the_reference_moved_by_the_shift,
+# test_dpo_tokens_against_trl.py).
+DETACHED_BATCH_STATISTIC = {"bco_pair", "wpo", "mixture"}
+# CISPO holds each token's importance weight constant by design (a stop-gradient on min(r, eps_max)); its gradient
+# -w A / N is checked against the paper's formula and TRL in test_policy_gradient_variants.py.
+STOP_GRADIENT_WEIGHT = {"cispo"}
+GRADCHECKED = [name for name in ALL_LOSSES if name not in DETACHED_BATCH_STATISTIC | STOP_GRADIENT_WEIGHT]
 
 
 def differentiable(name, inputs):
@@ -154,8 +159,17 @@ def test_float32_inputs(name, make_inputs):
 
 
 # Closed-form values when chosen == rejected (same log-probs, same reference, same length L), at the defaults.
-def _equal_pair_value(name, hp, policy, reference, length):
+def _equal_pair_value(name, hp, policy, reference, length, log_sum_sq=None):
     rho = policy - reference
+    if name == "mixture":  # its parts' values, weighted
+        return sum(spec["weight"] * _equal_pair_value(part, {k: v for k, v in spec.items() if k != "weight"},
+                                                      policy, reference, length)
+                   for part, spec in hp["parts"].items())
+    if name == "sft_chosen":
+        return -(policy.sum() / length.sum()).item()
+    if name == "wpo":  # equal sides: the pair's weight is w(y)^2
+        weight = torch.exp((policy - log_sum_sq) / length)
+        return (weight**2 * math.log(2.0)).mean().item()
     if name in ("dpo", "cdpo", "robust"):
         return math.log(2.0)
     if name == "hinge":
@@ -201,6 +215,8 @@ def test_equal_chosen_and_rejected(name, make_inputs):
         inputs["reference_rejected_logps"] = inputs["reference_chosen_logps"].clone()
     if "rejected_lengths" in inputs:
         inputs["rejected_lengths"] = inputs["chosen_lengths"].clone()
+    if "policy_rejected_log_sum_sq_probs" in inputs:
+        inputs["policy_rejected_log_sum_sq_probs"] = inputs["policy_chosen_log_sum_sq_probs"].clone()
     # IPO's per-token value depends on lengths only through rho / L, which cancels when both sides match.
     result = assert_all_finite(name, inputs)
     expected = _equal_pair_value(
@@ -209,10 +225,12 @@ def test_equal_chosen_and_rejected(name, make_inputs):
         inputs["policy_chosen_logps"],
         inputs.get("reference_chosen_logps", torch.zeros_like(inputs["policy_chosen_logps"])),
         inputs.get("chosen_lengths", torch.ones_like(inputs["policy_chosen_logps"])).double(),
+        inputs.get("policy_chosen_log_sum_sq_probs"),
     )
     torch.testing.assert_close(result.loss.item(), expected, atol=1e-12, rtol=1e-12)
-    assert result.metrics["rewards/margins"] == 0
-    assert result.metrics["rewards/accuracies"] == 0
+    prefix = "dpo/" if name == "mixture" else ""  # a mixture logs each part's metrics under the part's name
+    assert result.metrics[prefix + "rewards/margins"] == 0
+    assert result.metrics[prefix + "rewards/accuracies"] == 0
 
 
 def test_hypo_equal_pairs_and_on_policy_samples_is_dpo_at_log_2(make_inputs):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlmf.losses import get_loss
-from rlmf.losses.policy_gradient import best_worst_preferences
+from rlmf.losses.online_dpo import best_worst_preferences
 
 
 def rollout(seed: int, rows: int = 6, width: int = 7):
@@ -94,7 +94,8 @@ def test_online_dpo_without_pairs_and_bad_inputs():
 
 
 def test_registered_ppo_and_grpo_pass_their_settings_through():
-    from rlmf.losses.policy_gradient import grpo_loss, ppo_loss
+    from rlmf.losses.policy_gradient import grpo_loss
+    from rlmf.losses.ppo import ppo_loss
 
     policy, reference, mask = rollout(2)
     old = (policy.detach() + 0.05).nan_to_num()

@@ -1,5 +1,6 @@
-"""The online-RL objectives of ``rlmf.losses.policy_gradient``: against plain-Python references, gradcheck in
-float64, and against TRL 1.16 wherever it has the same computation.
+"""The online-RL objectives of ``rlmf.losses.policy_gradient``, ``ppo`` and ``reinforce`` (RLOO): against
+plain-Python references, gradcheck in float64, and against TRL 1.16 wherever it has the same computation. GSPO,
+CISPO, GRPO's options and REINFORCE++ / ReMax are in ``test_policy_gradient_variants.py`` and ``test_reinforce.py``.
 
 TRL's objectives live inside trainer methods that read ``self`` and call a model, so, as in
 ``test_losses_against_trl.py``, each is called unbound on a stand-in ``self`` (a ``SimpleNamespace`` holding only
@@ -11,7 +12,7 @@ our per-token log-probs, so that TRL's own code forms the ratios, clips, adds th
   respect to the per-token log-probs and the ``kl`` / ``clip_ratio/*`` metrics agree to 1e-6 for each loss type,
   with beta 0 and > 0 and with eps_high != eps_low. Our ``"dapo"`` is TRL's ``"dapo"`` on one process and one
   micro-batch per generation batch (TRL normalises by the completion tokens of the whole generation batch across
-  processes); it is also TRL's ``"bnpo"``, which the test checks too.
+  processes); it is also TRL's ``"bnpo"``, and our ``"bnpo"`` is too: the test checks both.
 - ``rloo_loss``: ``RLOOTrainer._compute_loss`` (sequence log-prob = sum of per-token log-probs over the mask).
 - ``rloo_rewards`` + ``rloo_advantages``: ``RLOOTrainer._generate_and_score_completions`` (generation, reward
   function and the two models replaced by stand-ins), which also checks the k1 estimator through TRL's ``kl`` metric.
@@ -36,14 +37,9 @@ from trl.trainer.rloo_trainer import RLOOTrainer
 
 from rlmf.losses import LossResult
 from rlmf.losses.advantages import kl_penalty, masked_mean, rloo_advantages
-from rlmf.losses.policy_gradient import (
-    adaptive_kl_coef,
-    drop_uniform_groups,
-    grpo_loss,
-    ppo_loss,
-    rloo_loss,
-    rloo_rewards,
-)
+from rlmf.losses.policy_gradient import drop_uniform_groups, grpo_loss
+from rlmf.losses.ppo import adaptive_kl_coef, ppo_loss
+from rlmf.losses.reinforce import rloo_loss, rloo_rewards
 
 TOLERANCE = dict(atol=1e-10, rtol=1e-10)
 TRL_TOLERANCE = dict(atol=1e-6, rtol=1e-6)
@@ -323,7 +319,7 @@ def call_grpo(batch, **hyperparameters):
     )
 
 
-GRPO_CASES = [("grpo", "grpo"), ("dapo", "dapo"), ("dapo", "bnpo"), ("dr_grpo", "dr_grpo")]
+GRPO_CASES = [("grpo", "grpo"), ("dapo", "dapo"), ("dapo", "bnpo"), ("bnpo", "bnpo"), ("dr_grpo", "dr_grpo")]
 CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
                 "clip_ratio/high_max")
 
@@ -366,12 +362,12 @@ def reference_grpo(batch, loss_type, beta, eps_low, eps_high, max_length):
     total = sum(sum(row) for row in per_row)
     if loss_type == "grpo":
         return sum(sum(row) / len(row) if row else 0.0 for row in per_row) / len(per_row)
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "bnpo"):
         return total / sum(len(row) for row in per_row)
     return total / (len(per_row) * max_length)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "bnpo", "dr_grpo"])
 def test_grpo_loss_matches_reference_and_gradcheck(loss_type):
     batch = token_batch(11)
     result = call_grpo(batch, beta=0.1, eps_low=0.15, eps_high=0.3, loss_type=loss_type, max_completion_length=12)
@@ -426,7 +422,7 @@ def test_grpo_rejects_bad_arguments():
     with pytest.raises(ValueError, match="max_completion_length"):
         call_grpo(batch, loss_type="dr_grpo")
     with pytest.raises(ValueError, match="loss_type"):
-        call_grpo(batch, loss_type="bnpo")
+        call_grpo(batch, loss_type="sapo")
     with pytest.raises(ValueError, match="reference_logps"):
         grpo_loss(batch["logps"], batch["old_logps"], batch["sequence_advantages"], batch["mask"], beta=0.1)
     with pytest.raises(ValueError, match=r"advantages must have shape \[B\]"):
