@@ -1,34 +1,31 @@
-"""The online generator: PPO, GRPO, RLOO and online DPO on completions the policy samples during training.
+"""The online generator: the online objectives (PPO, GRPO, GSPO, CISPO, RLOO, REINFORCE++, ReMax, online DPO) on
+completions the policy samples during training.
 
 One :class:`OnlineGenerator` training step is one rollout and its updates (manual optimisation):
 
 1. each prompt of the batch gets ``num_generations`` completions from the current policy
-   (:func:`rlmf.feedback.rollouts.rollout`, which also keeps the sampling policy's per-token log-probs and, for
-   PPO, the value head's predictions);
+   (:func:`rlmf.modules.rollouts.rollout`, which also keeps the sampling policy's per-token log-probs, for PPO the
+   value head's predictions, for ReMax each prompt's greedy completion);
 2. the reward (the run's ``reward=``) scores the decoded completions; a completion the reward could not score takes
    no part in the update and is counted (``invalid_rewards``);
-3. the objective's targets, once per rollout, by the algorithm's entry in :data:`TARGETS`:
-
-   - ``grpo``: group-relative advantages (:func:`~rlmf.losses.advantages.group_advantages`, ``scale_rewards``);
-   - ``rloo``: leave-one-out advantages (:func:`~rlmf.losses.advantages.rloo_advantages`) of the reward minus
-     ``kl_coef`` times the completion's summed k1 KL (:func:`~rlmf.losses.policy_gradient.rloo_rewards`);
-   - ``ppo``: per-token rewards ``-kl_coef * (old_t - ref_t)`` plus the score at the last token, GAE with the value
-     head's old values (``gamma``, ``lam``), advantages whitened over the rollout's tokens (Ziegler et al. 2019);
-   - ``online_dpo``: the best and the worst valid completion of each prompt as a pair
-     (:func:`~rlmf.losses.policy_gradient.best_worst_preferences`);
-
+3. the objective's targets, once per rollout, by the advantage estimator its loss registered
+   (:mod:`rlmf.modules.targets`: group-relative, leave-one-out, GAE, REINFORCE++'s, ReMax's greedy baseline, online
+   DPO's best-and-worst pairs); with ``mask_truncated_completions`` a completion with no stop token within
+   ``max_new_tokens`` keeps its place in the advantages but its tokens leave the loss (DAPO's overlong filtering);
 4. ``num_iterations`` passes over the rollout in minibatches of ``minibatch_size`` completions, one optimiser step
-   each: ``loss = objective(...)`` (the registered loss of that name), backward, gradient-norm clipping, step, and
-   one step of the learning-rate schedule.
+   each: ``loss = objective(...)`` (the registered loss of that name; with the policy's per-token entropies when its
+   entropy options are on, :mod:`rlmf.entropies`), backward, gradient-norm clipping, step, and one step of the
+   learning-rate schedule.
 
 So ``trainer.global_step`` (and ``max_steps``, and the cosine schedule's length) counts optimiser steps:
 ``num_iterations * ceil(rows / minibatch_size)`` per training batch, always (a minibatch left empty by DAPO's
 ``drop_uniform_groups`` makes a step with no gradient: torch's optimisers leave parameters without one untouched).
 
-The KL coefficient of PPO and RLOO is a buffer (``kl_coef``), saved in checkpoints: with ``kl_target`` set it follows
-Ziegler et al.'s adaptive controller (:func:`~rlmf.losses.policy_gradient.adaptive_kl_coef`) after every rollout.
-PPO's value head (:class:`ValueHead`, a scalar head on the policy's last hidden state) is a submodule, so it is
-trained, checkpointed and resumed with the policy; the exported generator is ``module.model`` alone, without it.
+The KL coefficient of the objectives whose reward carries the KL (PPO, RLOO, REINFORCE++, ReMax) is a buffer
+(``kl_coef``), saved in checkpoints: with ``kl_target`` set it follows Ziegler et al.'s adaptive controller
+(:func:`~rlmf.losses.ppo.adaptive_kl_coef`) after every rollout. PPO's value head (:class:`ValueHead`, a scalar head
+on the policy's last hidden state) is a submodule, so it is trained, checkpointed and resumed with the policy; the
+exported generator is ``module.model`` alone, without it.
 
 Reference log-probs come from a frozen copy of the starting policy, kept out of the module's submodules (never
 trained, saved or wrapped) and placed beside the policy at fit start, like :class:`rlmf.modules.generator.Generator`'s.
@@ -36,52 +33,42 @@ trained, saved or wrapped) and placed beside the policy at fit start, like :clas
 Metrics, under ``<metric_prefix>/train/`` with TRL's names: ``reward``, ``reward_std`` (mean over prompts of the
 group's std), ``frac_reward_zero_std``, ``completions/mean_length``, ``completions/clipped_ratio`` (no stop token
 within ``max_new_tokens``), ``objective/kl`` (mean summed k1 KL of a completion to the reference),
-``objective/entropy`` (mean of ``-sum_t old_t``), ``objective/non_score_reward`` and ``objective/rlhf_reward`` (PPO,
-RLOO: the KL penalty and score plus penalty), ``objective/kl_coef``, the objective's own (``loss/policy``,
-``loss/value``, ``policy/clipfrac``, ``val/explained_variance``, ``kl``, ``clip_ratio/*``, ``rewards/chosen``...),
-``invalid_rewards``, ``lr``, ``perf/generation_tokens_per_s`` and ``perf/training_tokens_per_s`` (completion tokens
-sampled per second of rollout; tokens forwarded per second of updates), the reward's own metrics
-(``rewards/<name>/...``) and whatever ``monitor`` returns (the pipeline's gold reply rate of the rollout). Every
-``log_completions_every`` rollouts a table of prompts, completions and rewards goes to the logger when it takes
-tables (W&B).
+``objective/entropy`` (mean of ``-sum_t old_t``), ``objective/non_score_reward`` and ``objective/rlhf_reward`` (the
+KL penalty and score plus penalty, where the reward carries the KL), ``objective/kl_coef``, ``greedy_reward``
+(ReMax), the objective's own (``loss/policy``, ``loss/value``, ``policy/clipfrac``, ``val/explained_variance``,
+``kl``, ``entropy``, ``clip_ratio/*``, ``cispo_clip_ratio``, ``rewards/chosen``...), ``invalid_rewards``, ``lr``,
+``perf/generation_tokens_per_s`` and ``perf/training_tokens_per_s`` (completion tokens sampled per second of
+rollout; tokens forwarded per second of updates), the reward's own metrics (``rewards/<name>/...``) and whatever
+``monitor`` returns (the pipeline's gold reply rate of the rollout). Every ``log_completions_every`` rollouts a table
+of prompts, completions and rewards goes to the logger when it takes tables (W&B).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lightning as L
 import torch
 from torch import nn
 
-from rlmf.feedback.rollouts import Rollout, rollout
+from rlmf.entropies import completion_token_logps_and_entropies
 from rlmf.logprobs import completion_token_logps, completion_token_logps_and_values
-from rlmf.losses import get_loss, loss_inputs
-from rlmf.losses.advantages import gae, group_advantages, kl_penalty, rloo_advantages, whiten
-from rlmf.losses.policy_gradient import adaptive_kl_coef, best_worst_preferences, drop_uniform_groups, rloo_rewards
+from rlmf.losses import get_loss, loss_hyperparameters, loss_inputs, takes_entropies
+from rlmf.losses.advantages import AGGREGATIONS
+from rlmf.losses.policy_gradient import drop_uniform_groups
+from rlmf.losses.ppo import adaptive_kl_coef
 from rlmf.modules.generator import adamw_with_cosine_schedule
+from rlmf.modules.rollouts import Rollout, rollout
+from rlmf.modules.targets import GROUP_NORMALISED, ONLINE, Scored, estimator_of, needs_reference
 from rlmf.placement import put
 
-# reward(prompts, completions) -> (scores [N], valid [N]) or a rlmf.rewards.RewardResult (which also has metrics)
+# reward(prompts, completions) -> (scores [N], valid [N]) or a rlmf.rewards.RewardResult (which also has metrics; an
+# ensemble's also has member_scores [N, K] and member_weights [K])
 RewardFn = Callable[[List[str], List[str]], Any]
 # monitor(prompts, completions) -> {metric name: float}, logged every rollout (e.g. a gold metric of the task)
 MonitorFn = Callable[[List[str], List[str]], Dict[str, float]]
-
-# Objectives that compare the completions of a prompt with each other: they need num_generations >= 2.
-GROUP_OBJECTIVES = ("grpo", "rloo", "online_dpo")
-# Objectives whose reward carries the KL to the reference (kl_coef), rather than the loss.
-KL_IN_REWARD = ("ppo", "rloo")
-
-
-def needs_reference(loss_name: str, kl_coef: float) -> bool:
-    """Whether training ``loss_name`` needs reference log-probs: its objective takes them (GRPO's k3 KL, online
-    DPO's log-ratios), or its reward carries the KL (PPO, RLOO with ``kl_coef != 0``)."""
-    return get_loss(loss_name).requires_reference or (loss_name in KL_IN_REWARD and kl_coef != 0)
-
 
 class ValueHead(nn.Module):
     """PPO's critic on the policy's trunk: ``V(s_t) = w . h_t + b`` from the last hidden state ``h_t`` that predicts
@@ -98,91 +85,9 @@ class ValueHead(nn.Module):
         return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
 
 
-@dataclass
-class Scored:
-    """A rollout with its rewards, what :data:`TARGETS` functions read.
-
-    Attributes:
-        rows: the rollout (``N = B * G`` rows).
-        scores: ``[N]`` float32 rewards; an invalid row's score is replaced by the mean of its group's valid scores,
-            so it moves neither the group's mean nor the others' baselines much (its own target is then zeroed).
-        valid: ``[N]`` bool, rows the reward could score.
-        reference_logps: ``[N, T]`` the reference's per-token log-probs of the sampled tokens, or None.
-        group_size: ``G``; kl_coef: the current KL coefficient (PPO, RLOO).
-    """
-
-    rows: Rollout
-    scores: torch.Tensor
-    valid: torch.Tensor
-    reference_logps: Optional[torch.Tensor]
-    group_size: int
-    kl_coef: float
-
-    @functools.cached_property
-    def sequence_kl(self) -> Optional[torch.Tensor]:
-        """``[N]`` summed k1 KL ``sum_t (old_t - ref_t)`` of each completion, or None without a reference; computed
-        once. (A single on-policy update fills ``rows.old_logps`` during the update: read this after it.)"""
-        if self.reference_logps is None:
-            return None
-        return kl_penalty(self.rows.old_logps, self.reference_logps, "k1", mask=self.rows.mask).sum(-1)
-
-
-def _grpo_targets(s: Scored, h) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    advantages = group_advantages(s.scores, s.group_size, scale_rewards=h.scale_rewards)
-    return {"advantages": torch.where(s.valid, advantages, torch.zeros_like(advantages))}, {}
-
-
-def _rloo_targets(s: Scored, h):
-    kl, scores, stats = s.sequence_kl, s.scores, {}
-    if kl is not None:
-        scores = rloo_rewards(scores, kl, torch.zeros_like(kl), s.kl_coef)
-        stats = _penalty_stats(s, kl)
-    advantages = rloo_advantages(scores, s.group_size)
-    return {"advantages": torch.where(s.valid, advantages, torch.zeros_like(advantages))}, stats
-
-
-def _ppo_targets(s: Scored, h):
-    rows = s.rows
-    mask = rows.mask & s.valid[:, None]  # an unscored completion takes no part at all
-    zero = torch.zeros((), dtype=rows.old_logps.dtype, device=rows.old_logps.device)
-    kl = kl_penalty(rows.old_logps, s.reference_logps, "k1", mask=mask) if s.reference_logps is not None else None
-    rewards = -s.kl_coef * kl if kl is not None else torch.zeros_like(rows.old_logps)
-    # The score is added at each completion's last token.
-    last = mask.long().cumsum(-1).eq(mask.sum(-1, keepdim=True)) & mask
-    rewards = torch.where(last, rewards + s.scores[:, None].to(rewards.dtype), rewards)
-    advantages, returns = gae(rewards, rows.old_values, mask, gamma=h.gamma, lam=h.lam)
-    advantages = whiten(advantages, mask)
-    stats = _penalty_stats(s, s.sequence_kl) if kl is not None else {}
-    return {"advantages": advantages, "returns": returns, "old_values": torch.where(mask, rows.old_values, zero),
-            "mask": mask}, stats
-
-
-def _online_dpo_targets(s: Scored, h):
-    return {"preferences": best_worst_preferences(s.scores, s.valid, s.group_size)}, {}
-
-
-def _penalty_stats(s: Scored, kl: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """TRL's PPO/RLOO objective metrics over the valid rows: the KL penalty and the score plus it."""
-    valid = s.valid if s.valid.any() else torch.ones_like(s.valid)
-    non_score = -s.kl_coef * kl[valid]
-    return {"objective/non_score_reward": non_score.mean(),
-            "objective/rlhf_reward": (s.scores[valid] + non_score).mean()}
-
-
-# Per objective: (the rollout with its rewards, the module's hparams) -> (per-row loss inputs, metrics). Every loss
-# input not here comes from the rollout (old_logps, mask, reference_logps) or the policy's forward (policy_logps,
-# values). An entry's per-row tensors are [N] or [N, T] and are cut into the same minibatches.
-TARGETS: Dict[str, Callable[[Scored, Any], Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]] = {
-    "grpo": _grpo_targets,
-    "rloo": _rloo_targets,
-    "ppo": _ppo_targets,
-    "online_dpo": _online_dpo_targets,
-}
-
-
 class OnlineGenerator(L.LightningModule):
-    """Trains ``model`` with the online loss ``loss_name`` (``ppo``, ``grpo``, ``rloo``, ``online_dpo``) on its own
-    samples."""
+    """Trains ``model`` with the online loss ``loss_name`` (a loss of data format ``online``: ``grpo``, ``ppo``, ...)
+    on its own samples."""
 
     def __init__(self, model: nn.Module, tokenizer, reward: RewardFn, *, loss_name: str = "grpo",
                  loss_kwargs: Optional[Dict[str, Any]] = None, reference: Optional[nn.Module] = None,
@@ -190,6 +95,7 @@ class OnlineGenerator(L.LightningModule):
                  temperature: float = 1.0, max_new_tokens: int = 96, scale_rewards: str = "group",
                  kl_coef: float = 0.05, kl_target: Optional[float] = None, kl_horizon: float = 10000.0,
                  gamma: float = 1.0, lam: float = 0.95, drop_uniform_groups: bool = False,
+                 mask_truncated_completions: bool = False, multi_objective_aggregation: str = "sum_then_normalize",
                  lr: float = 1e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
                  gradient_clip_val: Optional[float] = 1.0, stop_token_ids: Optional[List[int]] = None,
                  pad_token_id: Optional[int] = None, metric_prefix: str = "align",
@@ -199,20 +105,29 @@ class OnlineGenerator(L.LightningModule):
         self.automatic_optimization = False
         self.model, self.tokenizer, self.reward, self.monitor = model, tokenizer, reward, monitor
         self.loss_fn = get_loss(loss_name)
-        if self.loss_fn.data_format != "online" or loss_name not in TARGETS:
-            raise ValueError(f"OnlineGenerator trains the online losses ({', '.join(TARGETS)}); {loss_name!r} is "
+        if self.loss_fn.data_format != "online":
+            raise ValueError(f"OnlineGenerator trains the online losses ({', '.join(ONLINE)}); {loss_name!r} is "
                              f"{self.loss_fn.data_format!r} (use rlmf.modules.generator.Generator)")
-        if loss_name in GROUP_OBJECTIVES and num_generations < 2:
+        self.estimator = estimator_of(loss_name)
+        if self.estimator.group and num_generations < 2:
             raise ValueError(f"num_generations={num_generations} must be at least 2 for {loss_name} (it compares the "
                              "completions of a prompt)")
         if num_generations < 1:
             raise ValueError(f"num_generations={num_generations} must be at least 1")
+        if multi_objective_aggregation not in AGGREGATIONS or (
+                multi_objective_aggregation != "sum_then_normalize" and loss_name not in GROUP_NORMALISED):
+            raise ValueError(f"multi_objective_aggregation={multi_objective_aggregation!r}: one of {AGGREGATIONS}, "
+                             f"and normalize_then_sum only for {', '.join(GROUP_NORMALISED)}")
         if needs_reference(loss_name, kl_coef) and reference is None:
             raise ValueError(f"{loss_name} needs a reference model here (its loss, or kl_coef={kl_coef})")
         self.loss_kwargs = dict(loss_kwargs or {})
-        if loss_name == "grpo" and self.loss_kwargs.get("loss_type") == "dr_grpo":
+        hyperparameters = {**loss_hyperparameters(loss_name), **self.loss_kwargs}
+        if "max_completion_length" in hyperparameters and hyperparameters["max_completion_length"] is None:
             # Dr. GRPO's constant normaliser is the generation limit, a constant of the run.
-            self.loss_kwargs.setdefault("max_completion_length", max_new_tokens)
+            self.loss_kwargs["max_completion_length"] = max_new_tokens
+        # The entropies cost a [tokens, vocab] product per update: only when an entropy option is on.
+        self.computes_entropies = takes_entropies(loss_name) and (
+            hyperparameters.get("top_entropy_quantile", 1.0) < 1.0 or hyperparameters.get("entropy_coef", 0.0) != 0.0)
         self.value_head = ValueHead(model.config.hidden_size) if "values" in loss_inputs(loss_name) else None
         self.register_buffer("kl_coef", torch.tensor(float(kl_coef), dtype=torch.float64))
         # Not a submodule: see the module docstring.
@@ -234,26 +149,61 @@ class OnlineGenerator(L.LightningModule):
         return rollout(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
                        num_generations=h.num_generations, temperature=h.temperature,
                        max_new_tokens=h.max_new_tokens, stop_ids=h.stop_token_ids or [], pad_token_id=h.pad_token_id,
-                       value_head=self.value_head, score=not self.single_on_policy_update, packing=h.packing)
+                       value_head=self.value_head, score=not self.single_on_policy_update, packing=h.packing,
+                       greedy=self.estimator.greedy)
 
     @property
     def single_on_policy_update(self) -> bool:
-        """One update of the whole rollout whose targets do not read the sampling log-probs (GRPO, online DPO):
-        the update's own forward gives them (its parameters are those that sampled, so ``r = 1`` exactly, as in
-        TRL), and the rollout skips its scoring forward."""
+        """One update of the whole rollout whose targets do not read the sampling log-probs (GRPO, GSPO, CISPO,
+        online DPO): the update's own forward gives them (its parameters are those that sampled, so ``r = 1``
+        exactly, as in TRL), and the rollout skips its scoring forward."""
         h = self.hparams
-        return (h.loss_name in ("grpo", "online_dpo") and h.num_iterations == 1 and h.minibatch_size is None
+        return (not self.estimator.reads_old_logps and h.num_iterations == 1 and h.minibatch_size is None
                 and not h.drop_uniform_groups)
 
-    def _score(self, prompts: List[str], rows: Rollout):
-        """``(scores [N] float32, valid [N] bool, reward metrics)`` on this device; invalid scores are NaN."""
-        result = self.reward(prompts, rows.texts)
+    def _score(self, prompts: List[str], completions: List[str]):
+        """``(scores [N] float32, valid [N] bool, reward metrics, result)`` on this device; invalid scores are NaN;
+        ``result`` is what the reward returned."""
+        result = self.reward(prompts, completions)
         scores, valid = result
         metrics = dict(getattr(result, "metrics", {}) or {})
         valid = torch.as_tensor(valid, dtype=torch.bool).to(self.device)
         scores = torch.as_tensor(scores, dtype=torch.float32).to(self.device)
         valid = valid & torch.isfinite(scores)
-        return torch.where(valid, scores, torch.full_like(scores, float("nan"))), valid, metrics
+        return torch.where(valid, scores, torch.full_like(scores, float("nan"))), valid, metrics, result
+
+    def _scored(self, batch: Dict[str, Any], prompts: List[str], rows: Rollout):
+        """``(scored rollout, raw scores [N], reward stats, reward metrics)``: the reward's scores (each member's
+        for GDPO; the greedy completions' for ReMax) and the reference's log-probs."""
+        h = self.hparams
+        raw_scores, valid, reward_metrics, result = self._score(prompts, rows.texts)
+        scores, stats = self._reward_stats(raw_scores, valid)
+        reference_logps = None
+        if self.reference is not None:
+            with torch.inference_mode():
+                reference_logps = completion_token_logps(
+                    self.reference, rows.input_ids, rows.attention_mask, rows.labels, temperature=h.temperature,
+                    packing=h.packing, groups=self._prompt_of_rows(len(rows.texts)))[0]
+            reference_logps = reference_logps.clone()  # a normal tensor again, for the loss
+        scored = Scored(rows, scores, valid, reference_logps, h.num_generations, float(self.kl_coef))
+        members = getattr(result, "member_scores", None)
+        if h.multi_objective_aggregation == "normalize_then_sum" and members is not None:
+            scored.member_scores = self._fill_members(torch.as_tensor(members, dtype=torch.float32), valid)
+            scored.member_weights = torch.as_tensor(result.member_weights, dtype=torch.float32).to(self.device)
+        if rows.greedy_texts is not None:
+            greedy, _, _, _ = self._score(list(batch["prompts"]), rows.greedy_texts)
+            scored.greedy_scores = greedy.repeat_interleave(h.num_generations)
+        return scored, raw_scores, stats, reward_metrics
+
+    def _fill_members(self, members: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``[N, K]`` member scores on this device, an invalid row's replaced by its group's valid mean (as the
+        scores are: :class:`~rlmf.modules.targets.Scored`)."""
+        g = self.hparams.num_generations
+        members = members.to(self.device)
+        grouped, ok = members.view(-1, g, members.shape[1]), valid.view(-1, g, 1)
+        zero = torch.zeros((), dtype=members.dtype, device=members.device)
+        group_mean = torch.where(ok, grouped, zero).sum(1, keepdim=True) / ok.sum(1, keepdim=True).clamp(min=1)
+        return torch.where(ok, grouped, group_mean).reshape(members.shape)
 
     def _reward_stats(self, scores: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """Invalid scores replaced by their group's valid mean (see :class:`Scored`), and TRL's reward metrics."""
@@ -275,24 +225,19 @@ class OnlineGenerator(L.LightningModule):
         rows = self._rollout(batch)
         sampled = self._clock()
         prompts = [p for p in batch["prompts"] for _ in range(h.num_generations)]
-        raw_scores, valid, reward_metrics = self._score(prompts, rows)
-        scores, stats = self._reward_stats(raw_scores, valid)
-        reference_logps = None
-        if self.reference is not None:
-            with torch.inference_mode():
-                reference_logps = completion_token_logps(
-                    self.reference, rows.input_ids, rows.attention_mask, rows.labels, temperature=h.temperature,
-                    packing=h.packing, groups=self._prompt_of_rows(len(rows.texts)))[0]
-            reference_logps = reference_logps.clone()  # a normal tensor again, for the loss
-        scored = Scored(rows, scores, valid, reference_logps, h.num_generations, float(self.kl_coef))
-        targets, target_stats = TARGETS[h.loss_name](scored, h)
+        scored, raw_scores, stats, reward_metrics = self._scored(batch, prompts, rows)
+        valid = scored.valid
+        targets, target_stats = self.estimator.build(scored, h)
         stats.update(target_stats)
         keep = torch.ones_like(valid)
         if h.drop_uniform_groups:
-            keep = drop_uniform_groups(scores, h.num_generations).repeat_interleave(h.num_generations)
+            keep = drop_uniform_groups(scored.scores, h.num_generations).repeat_interleave(h.num_generations)
             stats["dropped_groups"] = 1.0 - keep.float().mean()
 
-        inputs = {"old_logps": rows.old_logps, "mask": rows.mask, "reference_logps": reference_logps, **targets}
+        inputs = {"old_logps": rows.old_logps, "mask": rows.mask, "reference_logps": scored.reference_logps,
+                  **targets}
+        if h.mask_truncated_completions:  # a completion cut off by max_new_tokens gets no loss (its advantage stays)
+            inputs["mask"] = inputs["mask"] & ~rows.clipped[:, None]
         updating = self._clock()
         updates = self._update(rows, inputs, keep)
         trained = self._clock()
@@ -331,7 +276,7 @@ class OnlineGenerator(L.LightningModule):
         """``num_iterations`` passes of minibatch updates over the rollout; the metrics of each update."""
         h = self.hparams
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        wanted = loss_inputs(h.loss_name)
+        wanted = loss_inputs(h.loss_name) + (("entropies",) if self.computes_entropies else ())
         n = rows.input_ids.shape[0]
         size = h.minibatch_size or n
         updates: List[Dict[str, torch.Tensor]] = []
@@ -361,6 +306,9 @@ class OnlineGenerator(L.LightningModule):
         if self.value_head is not None:
             current["policy_logps"], _, current["values"] = completion_token_logps_and_values(
                 self.model, self.value_head, *args, temperature=h.temperature, **layout)
+        elif self.computes_entropies:
+            current["policy_logps"], _, current["entropies"] = completion_token_logps_and_entropies(
+                self.model, *args, temperature=h.temperature, **layout)
         else:
             current["policy_logps"], _ = completion_token_logps(self.model, *args, temperature=h.temperature,
                                                                 **layout)

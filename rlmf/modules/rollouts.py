@@ -4,7 +4,7 @@
 ``num_generations`` completions per left-padded prompt exactly as it defines them
 (:func:`rlmf.generation.sample_tokens`: ``softmax(logits / temperature)`` and nothing else, every stop token
 honoured), and the very tokens drawn are scored again at that temperature, without gradient, for the log-probs of
-the sampling ("old") policy.
+the sampling ("old") policy. For ReMax it also decodes each prompt's greedy completion, the baseline's.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ class Rollout:
         texts: the completions decoded (special tokens skipped), for the reward.
         old_values: ``[B * G, P + L - 1]`` the value head's predictions at sampling time, from the same scoring
             forward (PPO only; None without a value head).
+        greedy_texts: the greedy completion of each of the ``B`` prompts, decoded (ReMax's baseline; None unless
+            asked for).
     """
 
     input_ids: torch.Tensor
@@ -47,16 +49,20 @@ class Rollout:
     clipped: torch.Tensor
     texts: List[str]
     old_values: Optional[torch.Tensor] = None
+    greedy_texts: Optional[List[str]] = None
 
 
 @torch.no_grad()
 def rollout(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_generations: int,
             temperature: float, max_new_tokens: int, stop_ids: Sequence[int], pad_token_id: int,
-            value_head: Optional[nn.Module] = None, score: bool = True, packing: str = "none") -> Rollout:
+            value_head: Optional[nn.Module] = None, score: bool = True, packing: str = "none",
+            greedy: bool = False) -> Rollout:
     """``num_generations`` completions of each left-padded prompt ``[B, P]`` (on the model's device) from ``model``;
     with a ``value_head`` also its values of every completion state (:attr:`Rollout.old_values`). ``score=False``
     skips the no-grad scoring forward (``old_logps`` is then None). ``packing`` is the scoring forward's layout
-    (:data:`rlmf.packing.PACKINGS`; the completions of a prompt share it)."""
+    (:data:`rlmf.packing.PACKINGS`; the completions of a prompt share it). ``greedy`` also decodes each prompt's
+    greedy completion (:attr:`Rollout.greedy_texts`), after the sampling: it draws no random numbers, so the
+    samples are those of a rollout without it."""
     tokens, keep = sample_tokens(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
                                  temperature=temperature, stop_ids=stop_ids, pad_token_id=pad_token_id,
                                  num_return_sequences=num_generations)
@@ -74,8 +80,18 @@ def rollout(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask: 
                                                                         labels, temperature=temperature, **layout)
     stopped = (torch.isin(tokens, torch.tensor(list(stop_ids), device=tokens.device)) & keep).any(-1)
     lengths = keep.sum(-1)
-    texts = tokenizer.batch_decode([row[: int(n)] for row, n in zip(tokens.tolist(), lengths.tolist())],
-                                   skip_special_tokens=True)
+    greedy_texts = None
+    if greedy:
+        greedy_tokens, greedy_keep = sample_tokens(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
+                                                   do_sample=False, temperature=temperature, stop_ids=stop_ids,
+                                                   pad_token_id=pad_token_id)
+        greedy_texts = _decode(tokenizer, greedy_tokens, greedy_keep.sum(-1))
     return Rollout(input_ids, attention_mask, labels, old_logps.detach() if old_logps is not None else None, mask,
-                   lengths, ~stopped, texts,
-                   old_values.detach() if old_values is not None else None)
+                   lengths, ~stopped, _decode(tokenizer, tokens, lengths),
+                   old_values.detach() if old_values is not None else None, greedy_texts)
+
+
+def _decode(tokenizer, tokens: torch.Tensor, lengths: torch.Tensor) -> List[str]:
+    """Each row's first ``lengths`` tokens as text, special tokens skipped."""
+    return tokenizer.batch_decode([row[: int(n)] for row, n in zip(tokens.tolist(), lengths.tolist())],
+                                  skip_special_tokens=True)

@@ -9,6 +9,9 @@ Validity is strict: a row invalid for any member is invalid in the ensemble (NaN
 that row would give that row a reward on another scale than its neighbours' (other members, other weights), which
 a preference built from it could not tell apart.
 
+The result is an :class:`EnsembleResult`: also every member's own scores and the weights, for an objective that
+normalises each reward before summing them (GDPO, ``algo.online.multi_objective_aggregation=normalize_then_sum``).
+
 Metrics: every member's ``rewards/<member>/{mean,std,invalid}`` (raw scores, before normalisation, over that
 member's valid rows) and its own extra metrics, then the ensemble's ``rewards/<name>/{mean,std,invalid}``. Members
 are named by their ``name`` (default: their kind); a name used twice gets the member's index appended (``judge_2``).
@@ -17,11 +20,12 @@ are named by their ``name`` (default: their kind); a name used twice gets the me
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
 
-from rlmf.rewards.base import Reward, RewardConfigError
+from rlmf.rewards.base import Reward, RewardConfigError, RewardResult
 
 COMBINES = ("sum", "mean")
 NORMALIZES = ("none", "zscore")
@@ -55,6 +59,15 @@ def zscore(scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return (centred / std if std > 1e-12 else torch.zeros_like(centred)).float()
 
 
+@dataclass
+class EnsembleResult(RewardResult):
+    """A :class:`RewardResult` with ``member_scores`` ``[B, K]`` (each member's raw score, NaN where that member
+    could not score the row; before ``normalize``) and ``member_weights`` ``[K]`` (the ensemble's weights)."""
+
+    member_scores: Optional[torch.Tensor] = None
+    member_weights: Optional[torch.Tensor] = None
+
+
 class EnsembleReward(Reward):
     kind = "ensemble"
 
@@ -71,8 +84,15 @@ class EnsembleReward(Reward):
             if names.count(member.name) > 1 or member.name == self.name:
                 member.name = f"{member.name}_{index}"
 
+    def score_with_validity(self, prompts, completions, batch_size=None) -> EnsembleResult:
+        result = super().score_with_validity(prompts, completions, batch_size)
+        members = self._member_scores if len(result.scores) else torch.zeros(0, len(self.members))
+        return EnsembleResult(result.scores, result.valid, result.metrics, member_scores=members,
+                              member_weights=torch.tensor(self.weights))
+
     def _score(self, prompts, completions, batch_size):
         results = [m.score_with_validity(prompts, completions, batch_size) for m in self.members]
+        self._member_scores = torch.stack([r.scores for r in results], dim=1)  # read by score_with_validity
         valid = torch.stack([r.valid for r in results]).all(dim=0)
         total = torch.zeros(len(prompts), dtype=torch.float64)
         for weight, result in zip(self.weights, results):
