@@ -8,13 +8,15 @@ key; an unknown group option fails listing the available ones. ``validate`` adds
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from rlmf.errors import ConfigError
+from rlmf.rewards.schema import register_schemas
 
 STAGES = ("sft", "feedback", "discriminator", "align", "evaluate")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -132,7 +134,8 @@ class DiscriminatorConfig:
 
 @dataclass
 class OnlineConfig:
-    """Rollouts and advantages of the online algorithms (``algo=ppo|grpo|rloo|online_dpo``; :mod:`rlmf.modules.online`).
+    """Rollouts and advantages of the online algorithms (the ``online`` losses: ``algo=grpo|ppo|rloo|...``;
+    :mod:`rlmf.modules.online`, :mod:`rlmf.modules.targets`).
 
     Each training batch of ``algo.optim.batch_size`` prompts is sampled ``num_generations`` times, scored by the
     run's ``reward=``, and trained on for ``num_iterations`` passes in minibatches of ``minibatch_size`` completions
@@ -140,19 +143,26 @@ class OnlineConfig:
     range, GRPO's beta and loss_type, PPO's value clip) are in ``algo.loss``.
     """
 
-    num_generations: int = 4  # completions per prompt (the group); at least 2 for grpo, rloo, online_dpo
+    num_generations: int = 4  # completions per prompt (the group); at least 2 where the advantage compares them
     num_iterations: int = 1  # optimisation passes over each rollout (PPO epochs; >1 makes the clip matter)
     minibatch_size: Optional[int] = None  # completions per optimiser step; null: the whole rollout
     temperature: Optional[float] = None  # sampling (and scoring) temperature; null: generator.temperature
     max_new_tokens: Optional[int] = None  # null: generator.max_new_tokens
-    scale_rewards: str = "group"  # grpo only: group | batch | none (rlmf.losses.advantages.group_advantages)
+    scale_rewards: str = "group"  # grpo, gspo, cispo: group | batch | none (rlmf.losses.advantages.group_advantages)
     drop_uniform_groups: bool = False  # grpo: leave out groups whose rewards are all equal (DAPO dynamic sampling)
-    kl_coef: float = 0.05  # ppo, rloo: the KL penalty in the reward, per token (ppo) or summed (rloo)
-    kl_target: Optional[float] = None  # ppo, rloo: adapt kl_coef towards this summed KL (Ziegler et al.); null: fixed
+    # ppo, rloo, reinforce_pp(_baseline), remax: the KL penalty in the reward, per token or summed (rloo)
+    kl_coef: float = 0.05
+    kl_target: Optional[float] = None  # adapt kl_coef towards this summed KL (Ziegler et al.); null: fixed
     kl_horizon: float = 10000.0  # the adaptive controller's horizon, in completions
-    gamma: float = 1.0  # ppo: GAE discount
+    gamma: float = 1.0  # ppo: GAE discount; reinforce_pp(_baseline), remax: the return's discount
     lam: float = 0.95  # ppo: GAE lambda
     log_completions_every: int = 10  # a table of sampled completions and rewards every N batches (W&B); 0: never
+    # A completion with no stop token within max_new_tokens keeps its place in the advantages but gets no loss
+    # (DAPO's overlong filtering; TRL's mask_truncated_completions).
+    mask_truncated_completions: bool = False
+    # grpo, gspo, cispo with several rewards (reward=ensemble): sum_then_normalize (the ensemble's score, then
+    # scale_rewards) | normalize_then_sum (GDPO: each member normalised in its group, the weighted sum over the batch)
+    multi_objective_aggregation: str = "sum_then_normalize"
 
 
 # The generator's default for the algorithm's family (an interpolation resolved when the config is read).
@@ -168,6 +178,10 @@ class AlgoConfig:
     online: OnlineConfig = field(default_factory=OnlineConfig)  # ppo, grpo, rloo, online_dpo: rollouts
     lora_rank: int = 8
     reference_cache_dir: str = ".cache/rlmf/reference_logps"  # algo.reference=precomputed caches here
+    # TR-DPO (Gorbatovski et al. 2024): every reference_sync_steps optimiser steps the frozen reference becomes
+    # reference_mixup_alpha * policy + (1 - alpha) * reference (alpha 1: a copy). null: the reference stays fixed.
+    reference_sync_steps: Optional[int] = None
+    reference_mixup_alpha: float = 0.6
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=_FAMILY_DEFAULT.format("lr"), max_steps=60,
                                                                     batch_size=_FAMILY_DEFAULT.format("batch_size")))
 
@@ -205,7 +219,7 @@ class StageConfig:
     stages: List[str] = field(default_factory=lambda: list(STAGES))
     from_run: Optional[str] = None  # an earlier run directory whose finished stages are reused
     # Where the jobs of a sweep share their sft, feedback and discriminator stages and the align stage's round of
-    # machine feedback, each under a key of the config it reads (rlmf.pipeline.stage_key), computed once under a
+    # machine feedback, each under a key of the config it reads (rlmf.stage_cache.stage_key), computed once under a
     # lock; a relative path is taken inside the directory that holds the job's (the sweep directory). null: off.
     cache_dir: Optional[str] = None
 
@@ -228,7 +242,8 @@ class LoopConfig:
 
 @dataclass
 class FeedbackConfig:
-    """How the align stage's round of machine feedback becomes pairs (:func:`rlmf.feedback.machine.machine_feedback`)."""
+    """How the align stage's round of machine feedback becomes pairs
+    (:func:`rlmf.stages.align_feedback.machine_feedback`)."""
 
     # best_worst: best vs worst scored sample | clair: (minimal revision, sample) | ab: the feedback stage's A/B pairs
     # as they are (replied vs ignored; no reward model in between)
@@ -245,7 +260,7 @@ class FeedbackConfig:
 
 @dataclass
 class EvaluateConfig:
-    """Extra measurements of the evaluate stage (:func:`rlmf.pipeline.stage_evaluate`); the held-out prompts and
+    """Extra measurements of the evaluate stage (:func:`rlmf.stages.evaluate.stage_evaluate`); the held-out prompts and
     samples per prompt are the task's (``task.eval_prompts``, ``task.eval_samples_per_prompt``)."""
 
     # Best-of-n sampling from the SFT model, the discriminator picking: gold reply rate, proxy reward and the analytic
@@ -313,172 +328,20 @@ def register_configs() -> None:
     # Schemas live in their own group so they are not listed as task options; each task yaml extends one.
     cs.store(group="task/schema", name="persona_email", node=PersonaEmailTaskConfig)
     cs.store(group="task/schema", name="preference_files", node=PreferenceFilesTaskConfig)
-    from rlmf.rewards.schema import register_schemas  # here: rlmf.rewards imports ConfigError from this module
-
     register_schemas(cs)
 
 
-class ConfigError(ValueError):
-    """A config that composes but cannot run; the message names the key and what is allowed."""
+def compose_config(*overrides: str) -> DictConfig:
+    """The job's config for ``overrides`` (``"algo=dpo"``, ``"algo.loss.beta=0.1"``, ...), composed exactly as
+    ``rlmf-train`` composes it: for benchmarks and scripts that build modules the way the stages do
+    (:mod:`rlmf.modules.build`)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
 
-
-def _choice(key: str, value: str, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}")
-
-
-def _check_rows(key: str, rows) -> None:
-    if rows is not None and (len(rows) != 2 or not 0 <= rows[0] < rows[1]):
-        raise ConfigError(f"{key}={list(rows)} must be [start, stop) with 0 <= start < stop")
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def validate(cfg: DictConfig) -> None:
-    """Checks that a dataclass type cannot express. Runs before any work."""
-    from rlmf.kernels import BACKENDS
-    from rlmf.losses import LOSSES, get_loss, loss_hyperparameters
-    from rlmf.packing import PACKINGS
-    from rlmf.placement import DTYPES, PRECISIONS
-
-    for stage in cfg.stage.stages:
-        _choice("stage.stages", stage, STAGES)
-    _choice("generator.kind", cfg.generator.kind, ("tiny", "hf"))
-    if cfg.generator.kind == "hf" and not cfg.generator.name_or_path:
-        raise ConfigError("generator=hf needs generator.name_or_path (a hub name or a local directory)")
-    _choice("generator.logprob_backend", cfg.generator.logprob_backend, BACKENDS)
-    _choice("generator.packing", cfg.generator.packing, PACKINGS)
-    if cfg.generator.torch_dtype is not None:
-        _choice("generator.torch_dtype", cfg.generator.torch_dtype, tuple(DTYPES))
-    if cfg.generator.attn_implementation is not None:
-        _choice("generator.attn_implementation", cfg.generator.attn_implementation, ATTENTION_IMPLEMENTATIONS)
-    _choice("trainer.precision", str(cfg.trainer.precision), PRECISIONS)
-    for key in ("trainer.accumulate_grad_batches", "generator.sft.batch_size", "algo.optim.batch_size"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1")
-    for key in ("generator.sft.max_epochs", "algo.optim.max_epochs"):
-        if OmegaConf.select(cfg, key) is not None and OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1, or null to use max_steps")
-    for key in ("generator.sft.max_tokens", "algo.optim.max_tokens"):
-        if OmegaConf.select(cfg, key) is not None and OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1, or null for batch_size rows")
-    on_gpu = cfg.trainer.accelerator != "cpu" and _has_cuda()
-    if cfg.generator.logprob_backend == "triton" and not on_gpu and not os.environ.get("TRITON_INTERPRET"):
-        raise ConfigError("generator.logprob_backend=triton needs a CUDA device (or TRITON_INTERPRET=1 to run the "
-                          "kernels in Triton's slow interpreter); use auto or torch on CPU")
-    _choice("discriminator.backbone", cfg.discriminator.backbone, ("minilm", "tiny", "hf"))
-    _choice("discriminator.objective", cfg.discriminator.objective, ("pairs", "thumbs"))
-    _choice("logger.kind", cfg.logger.kind, ("wandb", "csv", "none"))
-    _choice("algo.name", cfg.algo.name, sorted(LOSSES))
-    _choice("algo.reference", cfg.algo.reference, ("frozen", "precomputed", "lora", "none"))
-    allowed = loss_hyperparameters(cfg.algo.name)
-    for key in cfg.algo.loss:
-        if key not in allowed:
-            raise ConfigError(f"algo.loss.{key} is not a hyperparameter of loss {cfg.algo.name!r}; "
-                              f"it takes: {', '.join(allowed) or 'none'}")
-    if get_loss(cfg.algo.name).requires_reference and cfg.algo.reference == "none":
-        raise ConfigError(f"loss {cfg.algo.name!r} needs reference log-probs: set algo.reference to frozen, "
-                          "precomputed or lora")
-    if get_loss(cfg.algo.name).data_format == "online":
-        _validate_online(cfg)
-    from rlmf.tasks.base import task_class
-
+    register_configs()
+    GlobalHydra.instance().clear()
     try:
-        task_class(cfg.task.name)
-    except KeyError as e:
-        raise ConfigError(e.args[0]) from None
-    if cfg.loop.rounds < 1:
-        raise ConfigError(f"loop.rounds={cfg.loop.rounds} must be at least 1")
-    _choice("loop.discriminator", cfg.loop.discriminator, ("warm", "scratch"))
-    _choice("loop.allocation", cfg.loop.allocation, ("uniform", "thompson"))
-    _choice("feedback.pairs", cfg.feedback.pairs, ("best_worst", "clair", "ab"))
-    _choice("feedback.reviser", cfg.feedback.reviser, ("guided", "llm"))
-    _choice("loop.weighting", cfg.loop.weighting, ("none", "posterior"))
-    k = cfg.task.get("align_samples_per_prompt")
-    if cfg.feedback.chosen_rank < 1 or (k is not None and cfg.feedback.chosen_rank > k - 1):
-        raise ConfigError(f"feedback.chosen_rank={cfg.feedback.chosen_rank} must lie in [1, k - 1] for the k="
-                          f"{k} samples per prompt (task.align_samples_per_prompt): the worst is the rejected")
-    if any(n < 1 for n in cfg.evaluate.best_of_n):
-        raise ConfigError(f"evaluate.best_of_n={list(cfg.evaluate.best_of_n)}: every n must be at least 1")
-    if not 0.0 <= cfg.feedback.drop_desirable < 1.0:
-        raise ConfigError(f"feedback.drop_desirable={cfg.feedback.drop_desirable} must lie in [0, 1)")
-    if cfg.stage.cache_dir is not None and (str(cfg.trainer.devices) not in ("1", "auto")
-                                            or cfg.trainer.strategy not in ("auto", "single_device")):
-        raise ConfigError(f"stage.cache_dir={cfg.stage.cache_dir} shares stages between single-process jobs; with "
-                          f"trainer.devices={cfg.trainer.devices} strategy={cfg.trainer.strategy} leave it null and "
-                          "hand stages over with stage.from_run")
-    if cfg.loop.sends_per_prompt is not None and cfg.loop.sends_per_prompt < 1:
-        raise ConfigError(f"loop.sends_per_prompt={cfg.loop.sends_per_prompt} must be at least 1, or null (one "
-                          "send per candidate)")
-    if cfg.loop.rounds > 1 and not task_class(cfg.task.name).has_feedback:
-        raise ConfigError(f"loop.rounds={cfg.loop.rounds} needs a task with a feedback source; task={cfg.task.name} "
-                          "brings fixed preference pairs (use loop.rounds=1)")
-    if cfg.task.name == "preference_files":
-        from rlmf.data.formats import TRANSCRIPTS
-
-        _choice("task.on_bad_row", cfg.task.on_bad_row, ("error", "skip"))
-        _choice("task.transcripts", cfg.task.transcripts, TRANSCRIPTS)
-        _check_rows("task.rows", cfg.task.rows)
-    if cfg.evaluate.judge_rows is not None:
-        _check_rows("evaluate.judge_rows", cfg.evaluate.judge_rows)
-        if cfg.task.name != "preference_files" or cfg.evaluate.judge:
-            raise ConfigError("evaluate.judge_rows trains a judge on rows of task.train: it needs "
-                              "task=preference_files and no evaluate.judge (a judge already trained)")
-    if cfg.get("reward") is not None:
-        from rlmf.rewards import validate_reward_config
-
-        validate_reward_config(cfg.reward, static=True)
-
-
-def _validate_online(cfg: DictConfig) -> None:
-    """``algo.online`` and its interplay with the rest of the config, for the online algorithms."""
-    from rlmf.modules.online import GROUP_OBJECTIVES, KL_IN_REWARD, TARGETS
-
-    name, o = cfg.algo.name, cfg.algo.online
-    _choice("algo.name (online)", name, tuple(TARGETS))
-    if name in GROUP_OBJECTIVES and o.num_generations < 2:
-        raise ConfigError(f"algo.online.num_generations={o.num_generations} must be at least 2: {name} compares each "
-                          "completion with the other completions of its prompt")
-    if o.num_generations < 1:
-        raise ConfigError(f"algo.online.num_generations={o.num_generations} must be at least 1")
-    if o.num_iterations < 1:
-        raise ConfigError(f"algo.online.num_iterations={o.num_iterations} must be at least 1")
-    if cfg.algo.optim.get("max_tokens") is not None:
-        raise ConfigError(f"algo.optim.max_tokens={cfg.algo.optim.max_tokens}: {name} batches prompts, whose "
-                          "completions do not exist yet; use algo.optim.batch_size (prompts per rollout)")
-    if o.minibatch_size is not None and o.minibatch_size < 1:
-        raise ConfigError(f"algo.online.minibatch_size={o.minibatch_size} must be at least 1, or null")
-    if name == "online_dpo" and o.minibatch_size is not None and o.minibatch_size % o.num_generations:
-        raise ConfigError(f"algo.online.minibatch_size={o.minibatch_size} must be a multiple of "
-                          f"algo.online.num_generations={o.num_generations} for online_dpo (a pair never spans two "
-                          "minibatches), or null")
-    _choice("algo.online.scale_rewards", o.scale_rewards, ("group", "batch", "none"))
-    if o.drop_uniform_groups and name not in GROUP_OBJECTIVES:
-        raise ConfigError(f"algo.online.drop_uniform_groups applies to the group objectives "
-                          f"({', '.join(GROUP_OBJECTIVES)}), not {name}")
-    if o.kl_target is not None:
-        if name not in KL_IN_REWARD:
-            raise ConfigError(f"algo.online.kl_target applies where the KL is in the reward ({', '.join(KL_IN_REWARD)}),"
-                              f" not {name}")
-        if o.kl_target <= 0 or o.kl_horizon <= 0 or o.kl_coef <= 0:
-            raise ConfigError(f"algo.online.kl_target={o.kl_target}, kl_horizon={o.kl_horizon} and "
-                              f"kl_coef={o.kl_coef} must all be > 0 for the adaptive KL coefficient")
-    for key in ("gamma", "lam"):
-        if not 0.0 <= o[key] <= 1.0:
-            raise ConfigError(f"algo.online.{key}={o[key]} must lie in [0, 1]")
-    if o.log_completions_every < 0:
-        raise ConfigError(f"algo.online.log_completions_every={o.log_completions_every} must be >= 0 (0: never)")
-    if name == "grpo":
-        _choice("algo.loss.loss_type", cfg.algo.loss.get("loss_type", "grpo"), ("grpo", "dapo", "dr_grpo"))
-    if name == "online_dpo":
-        _choice("algo.loss.loss_type", cfg.algo.loss.get("loss_type", "sigmoid"), ("sigmoid", "ipo"))
-    if cfg.trainer.accumulate_grad_batches != 1:
-        raise ConfigError(f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches} does not apply "
-                          f"to {name}: it steps once per minibatch of algo.online.minibatch_size")
-    if cfg.algo.reference in ("precomputed", "lora"):
-        raise ConfigError(f"algo.reference={cfg.algo.reference} does not apply to {name}: its fresh samples are "
-                          "scored by a frozen copy of the starting policy (frozen or none)")
+        with initialize_config_module(config_module="rlmf.conf", version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()

@@ -8,7 +8,9 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from rlmf.config import STAGES, ConfigError, validate
+from rlmf.config import STAGES
+from rlmf.errors import ConfigError
+from rlmf.validate import validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("task", "generator", "discriminator", "algo", "trainer", "logger", "stage", "experiment")
@@ -85,7 +87,7 @@ def test_semantic_errors_name_the_key_and_the_choices(compose, monkeypatch):
         validate(compose("algo=grpo", "algo.optim.max_tokens=512"))
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rloo", "online_dpo"])
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "online_dpo", "gspo", "cispo", "reinforce_pp_baseline"])
 def test_online_algorithms_need_a_group_of_two(compose, algo):
     validate(compose(f"algo={algo}"))
     with pytest.raises(ConfigError, match=r"algo.online.num_generations=1 must be at least 2"):
@@ -101,10 +103,19 @@ def test_online_algorithms_need_a_group_of_two(compose, algo):
 @pytest.mark.parametrize("overrides,message", [
     (["algo=ppo", "algo.online.num_generations=0"], r"num_generations=0 must be at least 1"),
     (["algo=ppo", "algo.online.kl_target=-1"], r"kl_target=-1.0, kl_horizon=10000.0 and kl_coef=0.05 must all be > 0"),
-    (["algo=grpo", "algo.online.kl_target=6"], r"kl_target applies where the KL is in the reward \(ppo, rloo\)"),
+    (["algo=grpo", "algo.online.kl_target=6"],
+     r"kl_target applies where the KL is in the reward \(ppo, reinforce_pp, reinforce_pp_baseline, remax, rloo\)"),
     (["algo=ppo", "algo.online.lam=1.5"], r"algo.online.lam=1.5 must lie in \[0, 1\]"),
     (["algo=ppo", "algo.online.drop_uniform_groups=true"], r"drop_uniform_groups applies to the group objectives"),
-    (["algo=grpo", "algo.loss.loss_type=bnpo"], r"algo.loss.loss_type='bnpo' is not valid; choose one of: grpo, dapo"),
+    (["algo=grpo", "algo.loss.loss_type=sapo"],
+     r"algo.loss.loss_type='sapo' is not valid; choose one of: grpo, dapo, dr_grpo, bnpo"),
+    (["algo=gspo", "algo.online.multi_objective_aggregation=average"],
+     r"multi_objective_aggregation='average' is not valid; choose one of: sum_then_normalize, normalize_then_sum"),
+    (["algo=rloo", "algo.online.multi_objective_aggregation=normalize_then_sum"],
+     r"normalize_then_sum applies to the group-normalised objectives \(cispo, grpo, gspo\)"),
+    (["algo=grpo", "algo.online.multi_objective_aggregation=normalize_then_sum", "algo.online.scale_rewards=batch"],
+     r"with scale_rewards=group .* not grpo with scale_rewards=batch"),
+    (["algo=reinforce_pp_baseline", "algo.online.num_generations=1"], r"num_generations=1 must be at least 2"),
     (["algo=online_dpo", "algo.loss.loss_type=hinge"], r"loss_type='hinge' is not valid; choose one of: sigmoid, ipo"),
     (["algo=online_dpo", "algo.online.minibatch_size=3"], r"minibatch_size=3 must be a multiple of .*num_generations=2"),
     (["algo=ppo", "algo.online.log_completions_every=-1"], r"log_completions_every=-1 must be >= 0"),
@@ -116,6 +127,18 @@ def test_bad_online_settings_fail_with_what_is_allowed(compose, overrides, messa
 
 def test_ppo_allows_one_generation_per_prompt(compose):
     validate(compose("algo=ppo", "algo.online.num_generations=1", "algo.online.kl_target=6"))
+    for algo in ("reinforce_pp", "remax"):  # no group either: a global or a greedy baseline
+        validate(compose(f"algo={algo}", "algo.online.num_generations=1", "algo.online.kl_target=6"))
+
+
+def test_the_new_online_options_compose_and_validate(compose):
+    validate(compose("algo=grpo", "algo.loss.loss_type=bnpo", "algo.loss.delta=4", "algo.loss.top_entropy_quantile=0.2",
+                     "algo.loss.entropy_coef=0.001", "algo.online.mask_truncated_completions=true",
+                     "algo.online.multi_objective_aggregation=normalize_then_sum"))
+    cfg = compose("algo=gspo")
+    assert cfg.algo.loss.eps_low == 3e-4 and cfg.algo.loss.eps_high == 4e-4 and cfg.algo.reference == "none"
+    assert compose("algo=cispo").algo.loss.eps_max == 5.0
+    assert compose("algo=remax").algo.online.num_generations == 1
 
 
 def _cli(*args):

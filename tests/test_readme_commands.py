@@ -58,7 +58,7 @@ def test_your_own_model_command_composes_and_names_real_files(compose):
     is what docs/results.md section 9 reports."""
     import pytest
 
-    from rlmf.config import validate
+    from rlmf.validate import validate
 
     command = readme_command("Your own model: a real pretrained model on real pairs", "rlmf-train")
     argv = shlex.split(command)[1:]

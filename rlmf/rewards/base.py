@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from rlmf.config import ConfigError
+from rlmf.errors import ConfigError
 from rlmf.placement import DTYPES, Placement
 
 
