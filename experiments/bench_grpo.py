@@ -8,10 +8,10 @@ sides, so no reward model is timed), group-relative advantages, the reference mo
 gradient-norm clipping at 1.0 and one AdamW step.
 
 - ``ours``: :class:`rlmf.modules.online.OnlineGenerator` (``loss_name="grpo"``, ``num_iterations=1``, the whole
-  rollout as one minibatch) under a Lightning ``Trainer`` over a ``RowsDataModule`` of the prompt rows, as
-  ``rlmf.pipeline.align_online`` builds it; a frozen copy of the policy is the reference. ``ours`` scores on packed
-  rows (the default ``generator.packing=shared_prompt``: the ``G`` completions of a prompt share one copy of it, no
-  padding), ``ours_padded`` on the padded ``[prompts * G, P + L]`` rollout rows.
+  rollout as one minibatch) under a Lightning ``Trainer`` over a ``RowsDataModule`` of the prompt rows, built as
+  the align stage builds it (:func:`rlmf.modules.build.build_online_generator`); a frozen copy of the policy is the
+  reference. ``ours`` scores on packed rows (the default ``generator.packing=shared_prompt``: the ``G`` completions
+  of a prompt share one copy of it, no padding), ``ours_padded`` on the padded ``[prompts * G, P + L]`` rollout rows.
 - ``trl``: ``trl.GRPOTrainer`` with ``GRPOConfig(use_cpu=True, per_device_train_batch_size=prompts * G,
   gradient_accumulation_steps=1, num_generations=G, loss_type="grpo", beta=..., gradient_checkpointing=False,
   bf16=False)``: in TRL 1.16 the per-device batch counts completions, and with one accumulation step one generation
@@ -137,12 +137,14 @@ def _run_ours(spec: dict, prompts, log: StepLog) -> dict:
     import lightning as L
     import torch
 
-    from rlmf.data.collate import OnlinePromptCollator, tokenize_prompts
+    from rlmf.data.collate import OnlinePromptCollator
     from rlmf.data.formats import PromptOnly
     from rlmf.data.loading import RowsDataModule
-    from rlmf.generation import stop_token_ids
+    from rlmf.data.tokenization import tokenize_prompts
+    from rlmf.config import compose_config
     from rlmf.models import load_generator
-    from rlmf.modules.online import OnlineGenerator, needs_reference
+    from rlmf.modules.build import build_online_generator
+    from rlmf.modules.online import needs_reference
     from rlmf.reference import frozen_copy
 
     L.seed_everything(spec["seed"], verbose=False)
@@ -156,12 +158,12 @@ def _run_ours(spec: dict, prompts, log: StepLog) -> dict:
     # GRPO's registered objective takes reference log-probs whatever beta is, so ours keeps a reference even at
     # beta 0 (TRL drops it there); --beta 0 therefore times one more no-grad forward on our side.
     reference = frozen_copy(model) if needs_reference("grpo", 0.0) or spec["beta"] else None
-    module = OnlineGenerator(
-        model, tokenizer, reward, loss_name="grpo", loss_kwargs={"beta": spec["beta"]}, reference=reference,
-        num_generations=g, num_iterations=1, minibatch_size=None, temperature=1.0,
-        max_new_tokens=spec["max_completion_length"], scale_rewards="group", lr=spec["lr"], warmup_ratio=0.0,
-        gradient_clip_val=1.0, stop_token_ids=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-        packing=PACKING[spec["impl"]])
+    cfg = compose_config("algo=grpo", f"algo.loss.beta={spec['beta']}", f"algo.online.num_generations={g}",
+                         f"algo.online.max_new_tokens={spec['max_completion_length']}", f"algo.optim.lr={spec['lr']}",
+                         "algo.optim.warmup_ratio=0", "algo.online.log_completions_every=0",
+                         "generator.temperature=1.0",
+                         "trainer.gradient_clip_val=1.0", f"generator.packing={PACKING[spec['impl']]}")
+    module = build_online_generator(cfg, model, tokenizer, reward, reference)  # as the align stage builds it
     features = tokenize_prompts([PromptOnly(p) for p in prompts], tokenizer, None)
     rows = [{**f, "prompt": p} for f, p in zip(features, prompts)]
     data = RowsDataModule(rows, [], OnlinePromptCollator(tokenizer.pad_token_id), spec["prompts_per_step"],
@@ -234,8 +236,8 @@ def _run_trl(spec: dict, prompts, log: StepLog) -> dict:
 
 def _build_checkpoint(directory: Path, args) -> dict:
     """Save the tiny model and its tokenizer under ``directory`` and the prompts beside them."""
-    from rlmf.data.collate import tokenize_prompts
     from rlmf.data.formats import PromptOnly
+    from rlmf.data.tokenization import tokenize_prompts
     from rlmf.models import build_tiny_generator, save_generator, train_tokenizer
     from rlmf.tasks.persona_email import build_world, corpus_texts
 

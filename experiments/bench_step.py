@@ -12,9 +12,10 @@ backward, gradient-norm clipping at 1.0 and one AdamW step (constant learning ra
   ``no_grad``; ``torch.optim.AdamW``. Only the log-prob computation differs from ours.
 - ``ours``: :class:`rlmf.modules.generator.Generator` (``loss_name="dpo"``, ``reference_mode="frozen"``, a frozen
   copy of the policy as reference, ``warmup_ratio=0``) under a Lightning ``Trainer`` (``gradient_clip_val=1.0``,
-  32-bit) over an :class:`rlmf.data.alignment.AlignmentDataModule` of :func:`rlmf.data.tokenize_pairs` features, as
-  ``rlmf.pipeline.stage_align`` builds them from ``rlmf.data.load_pairs``. Its log-probs run the decoder, then the LM
-  head only on the completion positions through the fused ``logprobs_from_hidden`` (no ``[tokens, vocab]`` logits).
+  32-bit) over an :class:`rlmf.data.alignment.AlignmentDataModule` of :func:`rlmf.data.tokenize_pairs` features,
+  built as the align stage builds them (:func:`rlmf.modules.build.build_aligned_generator`) from
+  ``rlmf.data.load_pairs``. Its log-probs run the decoder, then the LM head only on the completion positions
+  through the fused ``logprobs_from_hidden`` (no ``[tokens, vocab]`` logits).
   ``ours`` runs the decoder (policy and reference) on packed rows, the default ``generator.packing=shared_prompt``
   (:mod:`rlmf.packing`): each pair's prompt once, then its chosen and its rejected completion, no padding, under a
   mask that keeps the rows apart; ``ours_padded`` on the padded ``[2B, T]`` rows (``packing=none``), as before.
@@ -444,10 +445,10 @@ def _run_ours(spec: dict, log: StepLog) -> dict:
 
     from rlmf.data import load_pairs, tokenize_pairs
     from rlmf.data.alignment import AlignmentDataModule
-    from rlmf.generation import stop_token_ids
+    from rlmf.config import compose_config
     from rlmf.logprobs import packing_problem
     from rlmf.models import load_generator
-    from rlmf.modules.generator import Generator
+    from rlmf.modules.build import build_aligned_generator
     from rlmf.reference import prepare_reference
 
     L.seed_everything(spec["seed"], verbose=False)
@@ -460,10 +461,10 @@ def _run_ours(spec: dict, log: StepLog) -> dict:
     if [features[i] for i in expected["order"]] != expected["features"]:
         raise RuntimeError("ours tokenised the pairs differently from the driver")
     policy, reference = prepare_reference("frozen", model)
-    module = Generator(policy, loss_name="dpo", loss_kwargs={"beta": spec["beta"]}, lr=spec["lr"], weight_decay=0.0,
-                       warmup_ratio=0.0, reference=reference, reference_mode="frozen",
-                       stop_token_ids=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       metric_prefix="align", packing=PACKING[spec["impl"]])
+    cfg = compose_config("algo=dpo", f"algo.loss.beta={spec['beta']}", f"algo.optim.lr={spec['lr']}",
+                         "algo.optim.weight_decay=0", "algo.optim.warmup_ratio=0",
+                         f"generator.packing={PACKING[spec['impl']]}")
+    module = build_aligned_generator(cfg, policy, tokenizer, reference, "frozen")  # as the align stage builds it
     if spec["impl"] == "ours" and packing_problem(policy) is not None:
         raise RuntimeError(f"packing fell back to padded rows: {packing_problem(policy)}")
     data = AlignmentDataModule(features, [], "paired", tokenizer.pad_token_id, spec["max_length"],

@@ -20,7 +20,8 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from rlmf.config import register_configs, validate  # noqa: E402
+from rlmf.config import register_configs  # noqa: E402
+from rlmf.validate import validate  # noqa: E402
 
 log = logging.getLogger("rlmf")
 register_configs()
@@ -77,7 +78,8 @@ def run_job(cfg: DictConfig, run_dir: Path, sweep_group: str | None = None) -> D
     from rlmf.distributed import is_main_process
     from rlmf.files import write_atomic
     from rlmf.kernels import set_default_backend
-    from rlmf.pipeline import Run, run_pipeline
+    from rlmf.pipeline import run_pipeline
+    from rlmf.run import Run
     from rlmf.reporting import plot_reply_rates, plot_rounds, round_table
 
     validate(cfg)

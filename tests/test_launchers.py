@@ -224,7 +224,8 @@ def test_under_slurm_submitit_alone_requeues(compose, tmp_path, monkeypatch):
     writes hpc_ckpt_N.ckpt and runs scontrol requeue itself) must be off so the two never both requeue."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from rlmf.pipeline import Run, make_trainer
+    from rlmf.run import Run
+    from rlmf.trainer import make_trainer
 
     for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
                        "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "node1"}.items():

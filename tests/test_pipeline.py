@@ -117,7 +117,8 @@ def test_bring_your_own_jsonl(compose, tmp_path):
 def test_an_independent_judge_grades_every_seed_the_same(compose, tmp_path):
     """evaluate.judge_rows: a judge trained once per sweep on rows the policy and its reward model never see
     (task.rows), shared by jobs of different seeds, and scoring the held-out samples instead of the proxy."""
-    from rlmf.config import ConfigError, validate
+    from rlmf.errors import ConfigError
+    from rlmf.validate import validate
 
     train = _write_jsonl(tmp_path / "pairs.jsonl", _preference_rows(40))
     common = ("experiment=tiny_models", "task=preference_files", f"task.train={train}", "task.rows=[0,20]",
@@ -213,7 +214,7 @@ def test_chat_rows_go_through_the_checkpoint_chat_template(compose, tmp_path, ti
 
     from transformers import AutoTokenizer
 
-    import rlmf.data.collate
+    import rlmf.data.tokenization
 
     model_dir = tmp_path / "chat-model"
     shutil.copytree(tiny_checkpoint("llama"), model_dir)
@@ -225,13 +226,13 @@ def test_chat_rows_go_through_the_checkpoint_chat_template(compose, tmp_path, ti
              "rejected": [{"role": "assistant", "content": "whatever"}]} for i in range(20)]
     train = _write_jsonl(tmp_path / "train.jsonl", rows)
     rendered = []
-    encode = rlmf.data.collate._encode
+    encode = rlmf.data.tokenization._encode
 
     def spy(tok, texts):
         rendered.extend(texts)
         return encode(tok, texts)
 
-    monkeypatch.setattr(rlmf.data.collate, "_encode", spy)
+    monkeypatch.setattr(rlmf.data.tokenization, "_encode", spy)
     cfg = compose("experiment=tiny_models", "task=preference_files", f"task.train={train}", "task.eval_prompts=2",
                   "generator=hf", f"generator.name_or_path={model_dir}", "stage.stages=[sft,align,evaluate]",
                   "generator.sft.max_steps=2")
@@ -255,7 +256,7 @@ def test_the_round_ranks_samples_with_any_reward(compose, tmp_path):
 
 
 def test_a_reward_missing_its_model_fails_before_any_work(compose, tmp_path):
-    from rlmf.config import ConfigError
+    from rlmf.errors import ConfigError
 
     with pytest.raises(ConfigError, match="name_or_path"):
         run_job(compose("experiment=quick", "reward=classifier"), tmp_path / "run")
@@ -328,7 +329,8 @@ def test_rounds_repeat_feedback_discriminator_and_align_from_the_previous_round(
 
 
 def test_rounds_need_a_feedback_source(compose, tmp_path):
-    from rlmf.config import ConfigError, validate
+    from rlmf.errors import ConfigError
+    from rlmf.validate import validate
 
     with pytest.raises(ConfigError, match=r"loop.rounds=2 needs a task with a feedback source"):
         validate(compose("task=preference_files", "task.train=x.jsonl", "loop.rounds=2"))

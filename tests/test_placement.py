@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import rlmf.logprobs
-import rlmf.pipeline
+import rlmf.run
+import rlmf.stages.evaluate
 from rlmf.models import load_generator
 from rlmf.modules.discriminator import Discriminator
 from rlmf.placement import Placement, resolve_device
@@ -43,7 +44,7 @@ def test_every_model_outside_fit_goes_through_the_placement(compose, tmp_path, m
         parameter = next(model.parameters())
         seen.append((what, parameter.device, parameter.dtype, model.training))
 
-    generate, batched, score = rlmf.pipeline.generate, rlmf.logprobs.batched_completion_logps, Discriminator.score
+    generate, batched, score = rlmf.run.generate, rlmf.stages.evaluate.batched_completion_logps, Discriminator.score
 
     def spy_generate(model, *args, **kwargs):
         record("generate", model)
@@ -57,8 +58,8 @@ def test_every_model_outside_fit_goes_through_the_placement(compose, tmp_path, m
         record("score", self)
         return score(self, *args, **kwargs)
 
-    monkeypatch.setattr(rlmf.pipeline, "generate", spy_generate)
-    monkeypatch.setattr(rlmf.logprobs, "batched_completion_logps", spy_batched)
+    monkeypatch.setattr(rlmf.run, "generate", spy_generate)
+    monkeypatch.setattr(rlmf.stages.evaluate, "batched_completion_logps", spy_batched)
     monkeypatch.setattr(Discriminator, "score", spy_score)
     cfg = compose("experiment=quick", "trainer.precision=bf16-true", "algo.reference=precomputed",
                   f"algo.reference_cache_dir={tmp_path / 'cache'}")

@@ -18,7 +18,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-import rlmf.pipeline
+import rlmf.run
+import rlmf.trainer
 from rlmf.resume import EXIT_PREEMPTED
 from rlmf.train import run_job
 
@@ -56,7 +57,7 @@ def same_summary(got, want):
 
 def _interrupt_in(monkeypatch, stage, how):
     """Make the next job stop in ``stage``: during training for sft/discriminator/align, while sampling otherwise."""
-    make_trainer, generate = rlmf.pipeline.make_trainer, rlmf.pipeline.generate
+    make_trainer, generate = rlmf.trainer.make_trainer, rlmf.run.generate
 
     def trainer_with_interrupt(run, name, max_steps, validate=True, **kwargs):
         trainer = make_trainer(run, name, max_steps, validate, **kwargs)
@@ -77,9 +78,9 @@ def _interrupt_in(monkeypatch, stage, how):
             raise StageDies(f"{stage} killed while sampling")
         return generate(*args, **kwargs)
 
-    monkeypatch.setattr(rlmf.pipeline, "make_trainer", trainer_with_interrupt)
+    monkeypatch.setattr(rlmf.trainer, "make_trainer", trainer_with_interrupt)
     if stage in ("feedback", "evaluate"):
-        monkeypatch.setattr(rlmf.pipeline, "generate", dying_generate)
+        monkeypatch.setattr(rlmf.run, "generate", dying_generate)
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,9 @@ class Task(ABC):
     has_feedback: ClassVar[bool] = False
     #: True when :meth:`gold` gives the hidden ground truth the evaluation reports.
     has_gold: ClassVar[bool] = False
+    #: What the gold metric and the feedback measure, as it appears in metric names: ``gold/<metric_name>/sft``,
+    #: ``feedback/observed_<metric_name>`` (the persona-email task: ``reply_rate``).
+    metric_name: ClassVar[str] = "score"
 
     def __init__(self, cfg, seed: int):
         self.cfg, self.seed = cfg, seed

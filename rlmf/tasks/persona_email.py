@@ -311,6 +311,7 @@ class PersonaEmailTask(Task):
 
     has_feedback = True
     has_gold = True
+    metric_name = "reply_rate"
 
     def __init__(self, cfg, seed: int):
         super().__init__(cfg, seed)

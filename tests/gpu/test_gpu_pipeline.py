@@ -1,8 +1,8 @@
 """The quick pipeline (``experiment=quick``: sft -> feedback -> discriminator -> align -> evaluate) on the GPU.
 
 Every model used outside ``trainer.fit`` goes through :mod:`rlmf.placement`; spies on the three places models are
-used for inference (``rlmf.pipeline.generate`` for sampling and greedy decoding,
-``rlmf.logprobs.batched_completion_logps`` for the evaluation KL, ``Discriminator.score`` for ranking, accuracy and
+used for inference (``rlmf.run.generate`` for sampling and greedy decoding,
+``rlmf.stages.evaluate.batched_completion_logps`` for the evaluation KL, ``Discriminator.score`` for ranking, accuracy and
 rewards) record where each model's parameters are, in which dtype, and the autocast state around the call; the
 trainers the stages build are kept to check where Lightning trained. Default precision ``auto`` is ``bf16-mixed``
 on a GPU with bf16 (float32 weights, bf16 autocast around inference); ``bf16-true`` puts bfloat16 weights
@@ -41,21 +41,22 @@ def run_spied(compose, run_dir, monkeypatch, device_type: str, *overrides: str):
 
     Returns ``(summary, records, trainers, cfg)``: the job's summary, each spy's calls, the stages' trainers.
     """
-    import rlmf.logprobs
-    import rlmf.pipeline
     import rlmf.reference
+    import rlmf.run
+    import rlmf.stages.evaluate
+    import rlmf.trainer
     from rlmf.modules.discriminator import Discriminator
 
     records: Dict[str, List[Dict[str, Any]]] = {"generate": [], "logps": [], "score": []}
     trainers = []
 
-    real_generate = rlmf.pipeline.generate
+    real_generate = rlmf.run.generate
 
     def generate(model, *args, **kwargs):
         records["generate"].append(_state(model, device_type))
         return real_generate(model, *args, **kwargs)
 
-    real_logps = rlmf.logprobs.batched_completion_logps
+    real_logps = rlmf.stages.evaluate.batched_completion_logps
 
     def batched_completion_logps(model, *args, **kwargs):
         records["logps"].append(_state(model, device_type))
@@ -67,17 +68,17 @@ def run_spied(compose, run_dir, monkeypatch, device_type: str, *overrides: str):
         records["score"].append(_state(self, device_type))
         return real_score(self, *args, **kwargs)
 
-    real_make_trainer = rlmf.pipeline.make_trainer
+    real_make_trainer = rlmf.trainer.make_trainer
 
     def make_trainer(*args, **kwargs):
         trainers.append(real_make_trainer(*args, **kwargs))
         return trainers[-1]
 
-    monkeypatch.setattr(rlmf.pipeline, "generate", generate)
-    monkeypatch.setattr(rlmf.logprobs, "batched_completion_logps", batched_completion_logps)
+    monkeypatch.setattr(rlmf.run, "generate", generate)
+    monkeypatch.setattr(rlmf.stages.evaluate, "batched_completion_logps", batched_completion_logps)
     monkeypatch.setattr(rlmf.reference, "batched_completion_logps", batched_completion_logps)
     monkeypatch.setattr(Discriminator, "score", score)
-    monkeypatch.setattr(rlmf.pipeline, "make_trainer", make_trainer)
+    monkeypatch.setattr(rlmf.trainer, "make_trainer", make_trainer)
 
     cfg = compose("experiment=quick", *FEEDBACK, *overrides)
     summary = run_job(cfg, run_dir)

@@ -23,6 +23,7 @@ WORDS = ("thanks", "please", "sorry", "glad", "kindly")
 class ThanksTask(Task):
     has_feedback = True
     has_gold = True
+    metric_name = "thanks_rate"  # the stages name the gold and feedback metrics with the task's word
 
     def _tickets(self, start, n):
         return [f"Ticket {i}: my order {i * 7 % 13} is late. Answer:" for i in range(start, start + n)]
@@ -63,7 +64,8 @@ def test_build_task_names_the_registered_ones():
 
 
 def test_an_unknown_task_fails_validation_with_the_choices(compose):
-    from rlmf.config import ConfigError, validate
+    from rlmf.errors import ConfigError
+    from rlmf.validate import validate
 
     cfg = compose("experiment=quick")
     cfg.task = OmegaConf.create({"name": "nope"})
@@ -76,9 +78,11 @@ def test_a_third_task_runs_the_whole_main_job(compose, tmp_path):
     cfg.task = OmegaConf.create({"name": "thanks_test", "align_prompts": 8, "feedback_samples_per_prompt": 4,
                                  "align_samples_per_prompt": 2})
     summary = run_job(cfg, tmp_path / "run")
-    for key in ("sft/steps", "feedback/pairs", "discriminator/accuracy", "align/pairs", "gold/reply_rate/sft",
-                "gold/reply_rate/aligned", "kl/aligned"):
+    for key in ("sft/steps", "feedback/pairs", "discriminator/accuracy", "align/pairs", "gold/thanks_rate/sft",
+                "gold/thanks_rate_greedy/aligned", "feedback/observed_thanks_rate", "align/chosen_gold_thanks_rate",
+                "kl/aligned"):
         assert key in summary, key
+    assert not [key for key in summary if "reply_rate" in key], "the embedded task's words leaked into the stages"
     assert summary["feedback/thumbs"] == 12 * 4
 
 
