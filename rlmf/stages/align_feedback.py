@@ -24,14 +24,14 @@ from rlmf.stage_cache import stage_lock
 
 
 def machine_feedback(run: Run, model, tokenizer, reward) -> Tuple[list, list, Dict[str, float]]:
-    """One RLMF round's data: k samples per training brief, ranked by ``reward`` (``reward=``: the trained
+    """One RLMF round's data: k samples per training prompt, ranked by ``reward`` (``reward=``: the trained
     discriminator by default, or a classifier, a judge, a function, an ensemble: :mod:`rlmf.rewards`).
 
     Best-vs-worst becomes a preference pair; the best is a thumbs-up and the worst a thumbs-down. Samples the reward
     could not score (a judge's unparseable answer) take no part in the ranking and are counted.
     """
     if run.cfg.feedback.pairs == "ab":
-        return recipients_feedback(run)
+        return task_feedback(run)
     k = run.task.setting("align_samples_per_prompt", 4)
     prompt_rows = run.task.train_prompts()
     prompts = [p.prompt for p in prompt_rows]
@@ -51,10 +51,10 @@ def machine_feedback(run: Run, model, tokenizer, reward) -> Tuple[list, list, Di
     return pairs, thumbs, stats
 
 
-def recipients_feedback(run: Run) -> Tuple[list, list, Dict[str, float]]:
-    """``feedback.pairs=ab``: the feedback stage's own A/B pairs and thumbs (the simulated recipients' replies to the
-    SFT model's completions, :func:`rlmf.feedback.ab.ab_feedback`), with no reward model in between: DPO directly on
-    the feedback, the third recipe of the RLHF / RLAIF / DPO comparison."""
+def task_feedback(run: Run) -> Tuple[list, list, Dict[str, float]]:
+    """``feedback.pairs=ab``: the feedback stage's own A/B pairs and thumbs (the task's feedback source's answers
+    to the SFT model's completions, :func:`rlmf.feedback.ab.ab_feedback`), with no reward model in between: DPO
+    directly on the feedback, the third recipe of the RLHF / RLAIF / DPO comparison."""
     feedback = run.require("feedback")
     pairs = load_pairs(feedback / "pairs.jsonl")[0]
     thumbs = load_feedback(feedback / "thumbs.jsonl")[0]

@@ -1,4 +1,4 @@
-"""The feedback stage: the task's own feedback source (the simulated recipients) answers the SFT generator's
+"""The feedback stage: the task's own feedback source (the embedded task: simulated recipients) answers the SFT generator's
 completions, and the answers become preference pairs and thumbs."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def stage_feedback(run: Run) -> Dict[str, Any]:
-    """A/B feedback from the task's feedback source (the simulated recipients) on the SFT generator's completions.
+    """A/B feedback from the task's feedback source on the SFT generator's completions.
 
     For each feedback prompt the SFT generator writes ``feedback_samples_per_prompt`` completions and the task answers
     each (:meth:`rlmf.tasks.base.Task.feedback`). Each answered completion is paired with an unanswered one for the
