@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def stage_discriminator(run: Run) -> Dict[str, Any]:
-    """Train the reward model on the feedback stage's A/B pairs (or thumbs), or the task's own pairs; report held-out pairwise accuracy."""
+    """Train the reward model on the feedback stage's A/B pairs (or thumbs), or on the task's own pairs; report
+    its held-out pairwise accuracy."""
     d = run.cfg.discriminator
     if run.task.preference_pairs("train") is not None:  # the task brings its pairs
         train_rows, heldout = run.task.preference_pairs("train"), run.task.preference_pairs("eval")

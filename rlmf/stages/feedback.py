@@ -1,5 +1,5 @@
-"""The feedback stage: the task's own feedback source (the embedded task: simulated recipients) answers the SFT generator's
-completions, and the answers become preference pairs and thumbs."""
+"""The feedback stage: the task's own feedback source (the embedded task: simulated recipients) answers the SFT
+generator's completions, and the answers become preference pairs and thumbs."""
 
 from __future__ import annotations
 
