@@ -114,6 +114,8 @@ def _accelerator():
         reduce=lambda t, reduction="sum": t,
         num_processes=1,
         process_index=0,
+        pad_across_processes=lambda t, dim=0, pad_index=0: t,
+        sync_gradients=True,
     )
 
 
@@ -273,30 +275,26 @@ def test_adaptive_kl_coef_follows_the_proportional_controller():
 # ----------------------------------------------------------------------------------------------------- GRPO
 
 
-def trl_grpo_loss(batch: dict, loss_type: str, beta: float, eps_low: float, eps_high: float, max_length: int):
-    """``GRPOTrainer._compute_loss`` on a stand-in ``self``; returns TRL's loss and its last logged metrics."""
+def trl_grpo_loss(batch: dict, *, loss_type: str, eps_low: float, eps_high: float, beta: float = 0.0,
+             level: str = "token", delta=None, top_entropy_quantile: float = 1.0, entropy_coef: float = 0.0,
+             max_length: int = 10):
+    """``GRPOTrainer._compute_loss`` on a stand-in ``self`` (token or sequence ``level``, TRL's ``delta``, entropy
+    mask and bonus); returns TRL's loss and its last logged metrics."""
     model = SimpleNamespace(training=True)
-    logps = batch["logps"]
-    mask = batch["mask"]
+    logps, mask = batch["logps"], batch["mask"]
+    entropies = batch.get("entropies")
     trainer = SimpleNamespace(
         accelerator=_accelerator(),
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
-        model=model,
-        beta=beta,
-        loss_type=loss_type,
-        epsilon_low=eps_low,
-        epsilon_high=eps_high,
-        top_entropy_quantile=1.0,
-        off_policy_mask_threshold=None,
-        importance_sampling_level="token",
-        use_vllm=False,
-        current_gradient_accumulation_steps=1,
-        max_completion_length=max_length,
-        _entropy_bonus_enabled=False,
-        aux_loss_enabled=False,
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=delta, steps_per_generation=1),
+        model=model, beta=beta, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high,
+        top_entropy_quantile=top_entropy_quantile, off_policy_mask_threshold=None, importance_sampling_level=level,
+        use_vllm=False, current_gradient_accumulation_steps=1, max_completion_length=max_length,
+        _entropy_bonus_enabled=entropy_coef != 0.0, entropy_coef=entropy_coef, use_adaptive_entropy=False,
+        aux_loss_enabled=False, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
     )
-    trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (logps, torch.zeros_like(logps), None)
+    trainer.get_high_entropy_mask = lambda e, m, t: GRPOTrainer.get_high_entropy_mask(trainer, e, m, t)
+    trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (
+        logps, entropies if entropies is not None else torch.zeros_like(logps), None)
     batch_size, width = mask.shape
     inputs = {
         "prompt_ids": torch.zeros(batch_size, 2, dtype=torch.long),
@@ -333,7 +331,8 @@ def test_grpo_loss_matches_trl(loss_type, trl_loss_type, beta, eps_low, eps_high
     batch = token_batch(10)
     hyperparameters = dict(beta=beta, eps_low=eps_low, eps_high=eps_high, loss_type=loss_type)
     result = call_grpo(batch, **hyperparameters, max_completion_length=10)
-    trl_loss, trl_metrics = trl_grpo_loss(batch, trl_loss_type, beta, eps_low, eps_high, max_length=10)
+    trl_loss, trl_metrics = trl_grpo_loss(batch, loss_type=trl_loss_type, beta=beta, eps_low=eps_low,
+                                          eps_high=eps_high, max_length=10)
     torch.testing.assert_close(result.loss, trl_loss, **TRL_TOLERANCE)
     (ours_grad,) = grads(result.loss, [batch["logps"]])
     (trl_grad,) = grads(trl_loss, [batch["logps"]])

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections import defaultdict
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +23,7 @@ import torch
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from test_policy_gradient import CLIP_METRICS, TOLERANCE, TRL_TOLERANCE, assert_metrics_close, grads, token_batch
-from trl.trainer.grpo_trainer import GRPOTrainer
+from test_policy_gradient import trl_grpo_loss as trl_loss
 
 from rlmf.losses import get_loss
 from rlmf.losses.policy_gradient import entropy_terms, grpo_loss
@@ -40,42 +38,6 @@ def with_entropies(batch: dict, seed: int) -> dict:
     # must not round past it)
     entropies = (0.1 + 3.0 * torch.rand(batch["mask"].shape, generator=g)).double()
     return {**batch, "entropies": entropies.requires_grad_()}
-
-
-def trl_loss(batch: dict, *, loss_type: str, eps_low: float, eps_high: float, beta: float = 0.0,
-             level: str = "token", delta=None, top_entropy_quantile: float = 1.0, entropy_coef: float = 0.0,
-             max_length: int = 10):
-    """``GRPOTrainer._compute_loss`` on a stand-in ``self``; returns TRL's loss and its last logged metrics."""
-    model = SimpleNamespace(training=True)
-    logps, mask = batch["logps"], batch["mask"]
-    entropies = batch.get("entropies")
-    trainer = SimpleNamespace(
-        accelerator=SimpleNamespace(device=CPU, gather=lambda t: t, gather_for_metrics=lambda t: t,
-                                    reduce=lambda t, reduction="sum": t, num_processes=1, process_index=0,
-                                    pad_across_processes=lambda t, dim=0, pad_index=0: t, sync_gradients=True),
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=delta, steps_per_generation=1),
-        model=model, beta=beta, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high,
-        top_entropy_quantile=top_entropy_quantile, off_policy_mask_threshold=None, importance_sampling_level=level,
-        use_vllm=False, current_gradient_accumulation_steps=1, max_completion_length=max_length,
-        _entropy_bonus_enabled=entropy_coef != 0.0, entropy_coef=entropy_coef, use_adaptive_entropy=False,
-        aux_loss_enabled=False, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-    )
-    trainer.get_high_entropy_mask = lambda e, m, t: GRPOTrainer.get_high_entropy_mask(trainer, e, m, t)
-    trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (
-        logps, entropies if entropies is not None else torch.zeros_like(logps), None)
-    batch_size, width = mask.shape
-    inputs = {
-        "prompt_ids": torch.zeros(batch_size, 2, dtype=torch.long),
-        "prompt_mask": torch.ones(batch_size, 2, dtype=torch.long),
-        "completion_ids": torch.zeros(batch_size, width, dtype=torch.long),
-        "completion_mask": mask.long(),
-        "advantages": batch["sequence_advantages"],
-        "old_per_token_logps": batch["old_logps"],
-        "ref_per_token_logps": batch["reference_logps"],
-        "num_items_in_batch": mask.sum(),
-    }
-    loss = GRPOTrainer._compute_loss(trainer, model, inputs)
-    return loss, {name: values[-1] for name, values in trainer._metrics["train"].items()}
 
 
 def call(name: str, batch: dict, **hyperparameters):
