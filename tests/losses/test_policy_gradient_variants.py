@@ -28,7 +28,6 @@ from test_policy_gradient import trl_grpo_loss as trl_loss
 from rlmf.losses import get_loss
 from rlmf.losses.policy_gradient import entropy_terms, grpo_loss
 
-CPU = torch.device("cpu")
 
 
 def with_entropies(batch: dict, seed: int) -> dict:
