@@ -29,7 +29,6 @@ from rlmf.losses import get_loss
 from rlmf.losses.policy_gradient import entropy_terms, grpo_loss
 
 
-
 def with_entropies(batch: dict, seed: int) -> dict:
     """``batch`` with ``entropies`` [B, T]: distinct positive values, a leaf that requires grad."""
     g = torch.Generator().manual_seed(seed)
