@@ -10,8 +10,10 @@ gradient-norm clipping at 1.0 and one AdamW step.
 - ``ours``: :class:`rlmf.modules.online.OnlineGenerator` (``loss_name="grpo"``, ``num_iterations=1``, the whole
   rollout as one minibatch) under a Lightning ``Trainer`` over a ``RowsDataModule`` of the prompt rows, built as
   the align stage builds it (:func:`rlmf.modules.build.build_online_generator`); a frozen copy of the policy is the
-  reference. ``ours`` scores on packed rows (the default ``generator.packing=shared_prompt``: the ``G`` completions
-  of a prompt share one copy of it, no padding), ``ours_padded`` on the padded ``[prompts * G, P + L]`` rollout rows.
+  reference; its rollouts sample with ``--sampler`` (``generator.sampler``: ``rlmf``, our decode loop, by default;
+  ``hf``, ``model.generate``). ``ours`` scores on packed rows (the default ``generator.packing=shared_prompt``: the
+  ``G`` completions of a prompt share one copy of it, no padding), ``ours_padded`` on the padded
+  ``[prompts * G, P + L]`` rollout rows.
 - ``trl``: ``trl.GRPOTrainer`` with ``GRPOConfig(use_cpu=True, per_device_train_batch_size=prompts * G,
   gradient_accumulation_steps=1, num_generations=G, loss_type="grpo", beta=..., gradient_checkpointing=False,
   bf16=False)``: in TRL 1.16 the per-device batch counts completions, and with one accumulation step one generation
@@ -44,6 +46,7 @@ above the resident set at that reset. Results are printed and written to ``exper
     python experiments/bench_grpo.py --hidden-size 512 --layers 8 --num-generations 4 --max-completion-length 64
     python experiments/bench_grpo.py --threads 0 --beta 0        # torch's thread count; no KL on either side
     python experiments/bench_grpo.py --impls ours --steps 20     # one side only
+    python experiments/bench_grpo.py --quick --sampler hf        # our rollouts through model.generate
 """
 
 from __future__ import annotations
@@ -161,7 +164,7 @@ def _run_ours(spec: dict, prompts, log: StepLog) -> dict:
     cfg = compose_config("algo=grpo", f"algo.loss.beta={spec['beta']}", f"algo.online.num_generations={g}",
                          f"algo.online.max_new_tokens={spec['max_completion_length']}", f"algo.optim.lr={spec['lr']}",
                          "algo.optim.warmup_ratio=0", "algo.online.log_completions_every=0",
-                         "generator.temperature=1.0",
+                         "generator.temperature=1.0", f"generator.sampler={spec['sampler']}",
                          "trainer.gradient_clip_val=1.0", f"generator.packing={PACKING[spec['impl']]}")
     module = build_online_generator(cfg, model, tokenizer, reward, reference)  # as the align stage builds it
     features = tokenize_prompts([PromptOnly(p) for p in prompts], tokenizer, None)
@@ -306,6 +309,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads in the workers (default 1; 0: torch's default, one per core)")
+    parser.add_argument("--sampler", default="rlmf", choices=("hf", "rlmf"),
+                        help="generator.sampler of our sides' rollouts: rlmf (our decode loop, default) or hf "
+                             "(model.generate, the main job's default)")
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS),
                         help="ours_padded, ours, trl (comma-separated)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per implementation")
@@ -354,13 +360,15 @@ def main(argv=None):
                         prompts_file=str(Path(tmp) / "prompts.json"), num_generations=args.num_generations,
                         prompts_per_step=args.prompts_per_step, max_completion_length=args.max_completion_length,
                         steps=args.steps, warmup=args.warmup, beta=args.beta, lr=args.lr, seed=args.seed,
-                        threads=args.threads)
+                        threads=args.threads, sampler=args.sampler)
             row = {"impl": impl, **setting, **_measure(spec, args.timeout)}
             if "error" in row:
                 row["note"] = row.pop("error")
                 print(f"  {impl}: FAILED: {row['note']}\n{row.pop('stderr_tail', '')}", flush=True)
             else:
                 row["note"] = f"attn {row.pop('attn')}" + ("" if row.pop("reference") else ", no reference model")
+                if impl in PACKING:
+                    row["note"] += f", sampler {args.sampler}"
                 print(f"  {impl}: {row['s_per_step']:.3f} s/step (median of {row['steps_timed']}), "
                       f"{row['completion_tokens_per_step']:.0f} completion tokens/step, peak RSS "
                       f"{row['peak_rss_mb']:.0f} MB; process {row['process_wall_s']:.0f} s; step times "

@@ -6,10 +6,15 @@ through it are not samples of ``pi(y|x)``, which biases online losses (HyPO's KL
 Every generate call here states the whole sampling rule (temperature, top-k 0, top-p 1, no repetition penalty, no
 forced or suppressed tokens) on a fresh ``GenerationConfig``, so nothing from the checkpoint leaks in except its
 stop tokens, which are all kept (:func:`stop_token_ids`).
+
+Two samplers draw from that rule (``generator.sampler``, :data:`SAMPLERS`): ``model.generate`` itself (``hf``) and
+our decode loop (``rlmf``, :mod:`rlmf.sampling`), which shares each prompt's prefill across its completions, drops
+finished rows and draws one uniform per row. Every call site samples through :func:`sample_tokens`.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -19,6 +24,13 @@ from transformers import GenerationConfig
 from rlmf.data.collate import IGNORE_INDEX, PromptCollator
 from rlmf.data.formats import PromptOnly
 from rlmf.data.tokenization import tokenize_prompts
+from rlmf.sampling import decode, refusal
+
+log = logging.getLogger(__name__)
+
+# generator.sampler: transformers' ``model.generate`` (hf), or our decode loop (rlmf; :mod:`rlmf.sampling`): the
+# same distribution, greedy completions token for token, other samples for a seed.
+SAMPLERS = ("hf", "rlmf")
 
 
 def stop_token_ids(model: nn.Module, tokenizer=None) -> List[int]:
@@ -51,28 +63,56 @@ def policy_generation_config(*, do_sample: bool, temperature: float, max_new_tok
 @torch.no_grad()
 def sample_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                   do_sample: bool, temperature: float, stop_ids: Sequence[int], pad_token_id: int,
-                  num_return_sequences: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Completions of left-padded prompts ``[B, P]``: ``(tokens, keep)``, each ``[B * n, L]``.
+                  num_return_sequences: int = 1, sampler: str = "hf") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Completions of left-padded prompts ``[B, P]``: ``(tokens, keep)``, each ``[B * n, L]`` (the ``n`` of a prompt
+    adjacent), by ``sampler`` (:data:`SAMPLERS`; ``rlmf`` runs ``generate`` instead, with a logged reason, for a
+    model :func:`rlmf.sampling.refusal` turns down).
 
     ``keep`` marks each completion's tokens up to and including its first stop token; what follows is padding.
-    The checkpoint's own ``generation_config`` is set aside for the call (transformers fills every field left
-    unset from it), then restored. The model is left in the mode it was in.
+    The model is left in the mode it was in.
     """
-    config = policy_generation_config(do_sample=do_sample, temperature=temperature, max_new_tokens=max_new_tokens,
-                                      stop_ids=stop_ids, pad_token_id=pad_token_id,
-                                      num_return_sequences=num_return_sequences)
-    was_training, saved = model.training, getattr(model, "generation_config", None)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}: one of {', '.join(SAMPLERS)}")
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, stop_ids=stop_ids,
+                    pad_token_id=pad_token_id, num_return_sequences=num_return_sequences)
+    was_training = model.training
     model.eval()
+    try:
+        if sampler == "rlmf" and _can_decode(model):
+            tokens = decode(model, input_ids, attention_mask, **settings)
+        else:
+            tokens = _generate(model, input_ids, attention_mask, **settings)
+    finally:
+        model.train(was_training)
+    is_stop = torch.isin(tokens, torch.tensor(list(stop_ids), device=tokens.device))
+    keep = (is_stop.long().cumsum(-1) - is_stop.long()) == 0
+    return tokens, keep
+
+
+_REFUSALS_LOGGED = set()
+
+
+def _can_decode(model: nn.Module) -> bool:
+    """Whether :func:`rlmf.sampling.decode` runs ``model``; the reason it cannot is logged once per model class."""
+    reason = refusal(model)
+    if reason is not None and type(model) not in _REFUSALS_LOGGED:
+        _REFUSALS_LOGGED.add(type(model))
+        log.warning("generator.sampler=rlmf: %s, so model.generate samples instead", reason)
+    return reason is None
+
+
+def _generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **settings) -> torch.Tensor:
+    """``model.generate``'s completion tokens ``[B * n, L]`` at :func:`policy_generation_config`. The checkpoint's
+    own ``generation_config`` is set aside for the call (transformers fills every field left unset from it), then
+    restored."""
+    config = policy_generation_config(**settings)
+    saved = getattr(model, "generation_config", None)
     model.generation_config = GenerationConfig()
     try:
         sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
     finally:
         model.generation_config = saved
-        model.train(was_training)
-    tokens = sequences[:, input_ids.shape[1]:]
-    is_stop = torch.isin(tokens, torch.tensor(list(stop_ids), device=tokens.device))
-    keep = (is_stop.long().cumsum(-1) - is_stop.long()) == 0
-    return tokens, keep
+    return sequences[:, input_ids.shape[1]:]
 
 
 def completion_rows(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor,
@@ -91,15 +131,16 @@ def completion_rows(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens:
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: Sequence[Union[str, PromptOnly]], *, max_new_tokens: int, do_sample: bool,
              temperature: float = 1.0, batch_size: int = 32, seed: int = 0, max_prompt_length: int = 512,
-             num_return_sequences: int = 1, return_token_ids: bool = False, progress: Optional[str] = None
-             ) -> Union[List[str], Tuple[List[str], List[Tuple[List[int], List[int]]]]]:
+             num_return_sequences: int = 1, return_token_ids: bool = False, progress: Optional[str] = None,
+             sampler: str = "hf") -> Union[List[str], Tuple[List[str], List[Tuple[List[int], List[int]]]]]:
     """Completions for ``prompts`` (``num_return_sequences`` per prompt, grouped by prompt).
 
     A prompt is text, or a :class:`~rlmf.data.formats.PromptOnly` whose chat messages render through the
     tokenizer's chat template when it has one.
 
     Prompts are left-padded (the prompt's end is kept when it is too long) and sent to the model's device;
-    sampling is from ``softmax(logits / temperature)`` with nothing else applied (:func:`sample_tokens`);
+    sampling is from ``softmax(logits / temperature)`` with nothing else applied (:func:`sample_tokens`, by
+    ``sampler``: :data:`SAMPLERS`);
     generation stops at any of the checkpoint's stop tokens or after ``max_new_tokens``; the returned text excludes
     the prompt and special tokens. Sampling is seeded. With ``return_token_ids`` also the exact
     ``(prompt_ids, completion_ids)`` sampled (completion up to and including its stop token), for scoring the very
@@ -124,7 +165,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Union[str, PromptOnl
         tokens, keep = sample_tokens(
             model, batch["input_ids"].to(device), batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
             do_sample=do_sample, temperature=temperature, stop_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
-            num_return_sequences=num_return_sequences)
+            num_return_sequences=num_return_sequences, sampler=sampler)
         kept = [row[: int(n)] for row, n in zip(tokens.tolist(), keep.sum(-1).tolist())]
         outputs += tokenizer.batch_decode(kept, skip_special_tokens=True)
         if return_token_ids:

@@ -160,9 +160,10 @@ class Run:
 
     # --- sampling and scoring: every model call of a stage outside trainer.fit, on the run's placement -----------
     def generate(self, model, tokenizer, prompts: List[Any], **kwargs):
-        """:func:`rlmf.generation.generate` under the run's placement (device, dtype, autocast, eval mode)."""
+        """:func:`rlmf.generation.generate` under the run's placement (device, dtype, autocast, eval mode), by the
+        run's ``generator.sampler``."""
         with self.placement.inference():
-            return generate(model, tokenizer, prompts, **kwargs)
+            return generate(model, tokenizer, prompts, sampler=self.cfg.generator.sampler, **kwargs)
 
     def sample(self, model, tokenizer, prompts: List[Any], k: int, seed: int, what: str = "sampling", **kwargs):
         """``k`` completions of each prompt at ``generator.temperature`` (a progress bar named ``what``)."""

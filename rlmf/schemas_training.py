@@ -88,6 +88,11 @@ class GeneratorConfig:
     max_new_tokens: int = field(default=96, metadata={"help": "Most tokens sampled per completion."})
     temperature: float = field(default=1.0, metadata={
         "help": "Sampling temperature of the feedback, alignment and evaluation samples."})
+    sampler: str = field(default="hf", metadata={
+        "help": "What draws every sample and greedy completion (rlmf.generation.SAMPLERS): hf (transformers' "
+                "model.generate) | rlmf (our decode loop, rlmf.sampling: a prompt prefilled once for all its "
+                "completions, finished rows leave the batch, one uniform per token drawn). The same distribution and "
+                "the same greedy tokens; a seed gives other samples."})
     sft: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, max_steps=300, batch_size=16), metadata={
         "help": "Optimisation of the SFT stage on the task's demonstrations."})
     optim_by_family: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {

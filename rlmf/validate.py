@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlmf.config import ATTENTION_IMPLEMENTATIONS, STAGES
 from rlmf.data.transcripts import TRANSCRIPTS
 from rlmf.errors import ConfigError
+from rlmf.generation import SAMPLERS
 from rlmf.kernels import BACKENDS
 from rlmf.losses import LOSSES, bind_loss, get_loss, loss_hyperparameters
 from rlmf.losses.advantages import AGGREGATIONS
@@ -59,6 +60,7 @@ def _validate_generator_and_trainer(cfg: DictConfig) -> None:
         raise ConfigError("generator=hf needs generator.name_or_path (a hub name or a local directory)")
     _choice("generator.logprob_backend", cfg.generator.logprob_backend, BACKENDS)
     _choice("generator.packing", cfg.generator.packing, PACKINGS)
+    _choice("generator.sampler", cfg.generator.sampler, SAMPLERS)
     if cfg.generator.torch_dtype is not None:
         _choice("generator.torch_dtype", cfg.generator.torch_dtype, tuple(DTYPES))
     if cfg.generator.attn_implementation is not None:

@@ -81,6 +81,8 @@ def test_semantic_errors_name_the_key_and_the_choices(compose, monkeypatch):
         validate(compose("generator.logprob_backend=triton", "trainer.accelerator=cpu"))
     with pytest.raises(ConfigError, match=r"generator.packing='packed'.*none.*padding_free.*shared_prompt"):
         validate(compose("generator.packing=packed"))
+    with pytest.raises(ConfigError, match=r"generator.sampler='vllm'.*hf.*rlmf"):
+        validate(compose("generator.sampler=vllm"))
     with pytest.raises(ConfigError, match=r"algo.optim.max_tokens=0 must be at least 1"):
         validate(compose("algo.optim.max_tokens=0"))
     with pytest.raises(ConfigError, match=r"algo.optim.max_tokens=512: grpo batches prompts"):

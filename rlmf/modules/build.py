@@ -37,7 +37,7 @@ def build_aligned_generator(cfg: DictConfig, policy: nn.Module, tokenizer, refer
                      max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                      stop_token_ids=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
                      metric_prefix="align", packing=g.packing, reference_sync_steps=a.reference_sync_steps,
-                     reference_mixup_alpha=a.reference_mixup_alpha)
+                     reference_mixup_alpha=a.reference_mixup_alpha, sampler=g.sampler)
 
 
 def build_online_generator(cfg: DictConfig, model: nn.Module, tokenizer, reward: Callable,
@@ -60,7 +60,7 @@ def build_online_generator(cfg: DictConfig, model: nn.Module, tokenizer, reward:
         multi_objective_aggregation=o.multi_objective_aggregation, lr=opt.lr, weight_decay=opt.weight_decay,
         warmup_ratio=opt.warmup_ratio, gradient_clip_val=cfg.trainer.gradient_clip_val,
         stop_token_ids=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id, metric_prefix="align",
-        monitor=monitor, log_completions_every=o.log_completions_every, packing=g.packing)
+        monitor=monitor, log_completions_every=o.log_completions_every, packing=g.packing, sampler=g.sampler)
 
 
 def discriminator_settings(cfg: DictConfig) -> Dict[str, Any]:

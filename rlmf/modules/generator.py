@@ -76,7 +76,8 @@ class Generator(L.LightningModule):
                  reference: Optional[nn.Module] = None, reference_mode: str = "frozen", online_samples: int = 4,
                  max_new_tokens: int = 96, temperature: float = 1.0, stop_token_ids: Optional[List[int]] = None,
                  pad_token_id: Optional[int] = None, metric_prefix: str = "generator", packing: str = "none",
-                 reference_sync_steps: Optional[int] = None, reference_mixup_alpha: float = 0.6):
+                 reference_sync_steps: Optional[int] = None, reference_mixup_alpha: float = 0.6,
+                 sampler: str = "hf"):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "reference"])
         self.model = model
@@ -162,7 +163,7 @@ class Generator(L.LightningModule):
         tokens, keep = sample_tokens(
             self.model, prompt_ids, prompt_mask, max_new_tokens=self.hparams.max_new_tokens, do_sample=True,
             temperature=self.hparams.temperature, stop_ids=self.hparams.stop_token_ids or [],
-            pad_token_id=self.hparams.pad_token_id, num_return_sequences=k)
+            pad_token_id=self.hparams.pad_token_id, num_return_sequences=k, sampler=self.hparams.sampler)
         rows = completion_rows(prompt_ids, prompt_mask, tokens, keep, self.hparams.pad_token_id)
         return dict(zip(("online_input_ids", "online_attention_mask", "online_labels"), rows))
 

@@ -99,7 +99,8 @@ class OnlineGenerator(L.LightningModule):
                  lr: float = 1e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
                  gradient_clip_val: Optional[float] = 1.0, stop_token_ids: Optional[List[int]] = None,
                  pad_token_id: Optional[int] = None, metric_prefix: str = "align",
-                 monitor: Optional[MonitorFn] = None, log_completions_every: int = 0, packing: str = "none"):
+                 monitor: Optional[MonitorFn] = None, log_completions_every: int = 0, packing: str = "none",
+                 sampler: str = "hf"):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "tokenizer", "reward", "reference", "monitor"])
         self.automatic_optimization = False
@@ -150,7 +151,7 @@ class OnlineGenerator(L.LightningModule):
                        num_generations=h.num_generations, temperature=h.temperature,
                        max_new_tokens=h.max_new_tokens, stop_ids=h.stop_token_ids or [], pad_token_id=h.pad_token_id,
                        value_head=self.value_head, score=not self.single_on_policy_update, packing=h.packing,
-                       greedy=self.estimator.greedy)
+                       greedy=self.estimator.greedy, sampler=h.sampler)
 
     @property
     def single_on_policy_update(self) -> bool:

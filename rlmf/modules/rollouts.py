@@ -2,8 +2,8 @@
 
 :func:`rollout` is the one place the online loop samples (:mod:`rlmf.modules.online`): the policy samples
 ``num_generations`` completions per left-padded prompt exactly as it defines them
-(:func:`rlmf.generation.sample_tokens`: ``softmax(logits / temperature)`` and nothing else, every stop token
-honoured), and the very tokens drawn are scored again at that temperature, without gradient, for the log-probs of
+(:func:`rlmf.generation.sample_tokens` by ``generator.sampler``: ``softmax(logits / temperature)`` and nothing else,
+every stop token honoured), and the very tokens drawn are scored again at that temperature, without gradient, for the log-probs of
 the sampling ("old") policy. For ReMax it also decodes each prompt's greedy completion, the baseline's.
 """
 
@@ -56,16 +56,16 @@ class Rollout:
 def rollout(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_generations: int,
             temperature: float, max_new_tokens: int, stop_ids: Sequence[int], pad_token_id: int,
             value_head: Optional[nn.Module] = None, score: bool = True, packing: str = "none",
-            greedy: bool = False) -> Rollout:
+            greedy: bool = False, sampler: str = "hf") -> Rollout:
     """``num_generations`` completions of each left-padded prompt ``[B, P]`` (on the model's device) from ``model``;
     with a ``value_head`` also its values of every completion state (:attr:`Rollout.old_values`). ``score=False``
     skips the no-grad scoring forward (``old_logps`` is then None). ``packing`` is the scoring forward's layout
     (:data:`rlmf.packing.PACKINGS`; the completions of a prompt share it). ``greedy`` also decodes each prompt's
     greedy completion (:attr:`Rollout.greedy_texts`), after the sampling: it draws no random numbers, so the
-    samples are those of a rollout without it."""
+    samples are those of a rollout without it. ``sampler`` draws them (:data:`rlmf.generation.SAMPLERS`)."""
     tokens, keep = sample_tokens(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
                                  temperature=temperature, stop_ids=stop_ids, pad_token_id=pad_token_id,
-                                 num_return_sequences=num_generations)
+                                 num_return_sequences=num_generations, sampler=sampler)
     input_ids, attention_mask, labels = completion_rows(prompt_ids, prompt_mask, tokens, keep, pad_token_id)
     old_values = old_logps = None
     layout = {"packing": packing,
@@ -84,7 +84,7 @@ def rollout(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask: 
     if greedy:
         greedy_tokens, greedy_keep = sample_tokens(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                                                    do_sample=False, temperature=temperature, stop_ids=stop_ids,
-                                                   pad_token_id=pad_token_id)
+                                                   pad_token_id=pad_token_id, sampler=sampler)
         greedy_texts = _decode(tokenizer, greedy_tokens, greedy_keep.sum(-1))
     return Rollout(input_ids, attention_mask, labels, old_logps.detach() if old_logps is not None else None, mask,
                    lengths, ~stopped, _decode(tokenizer, tokens, lengths),

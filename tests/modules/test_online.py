@@ -13,7 +13,7 @@ from rlmf.data.formats import PromptOnly
 from rlmf.data.loading import RowsDataModule
 from rlmf.data.tokenization import tokenize_prompts
 from rlmf.modules.rollouts import rollout
-from rlmf.generation import stop_token_ids
+from rlmf.generation import SAMPLERS, stop_token_ids
 from rlmf.logprobs import completion_token_logps
 from rlmf.models import build_tiny_generator, train_tokenizer
 from rlmf.modules.online import OnlineGenerator
@@ -47,13 +47,15 @@ def length_reward(prompts, completions):
     return RewardResult(scores, torch.ones(len(completions), dtype=torch.bool), {"rewards/length/mean": 1.0})
 
 
-def test_rollout_rows_and_old_logps(setup):
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_rollout_rows_and_old_logps(setup, sampler):
     tokenizer, prompts = setup
     model = tiny_model(tokenizer)
     batch = OnlinePromptCollator(tokenizer.pad_token_id)(prompt_rows(tokenizer, prompts[:2]))
     torch.manual_seed(0)
     rows = rollout(model, tokenizer, batch["prompt_ids"], batch["prompt_mask"], num_generations=3, temperature=0.7,
-                   max_new_tokens=12, stop_ids=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
+                   max_new_tokens=12, stop_ids=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+                   sampler=sampler)
     n, width = rows.input_ids.shape
     assert n == 6 and rows.attention_mask.shape == rows.labels.shape == (n, width)
     assert rows.old_logps.shape == rows.mask.shape == (n, width - 1) and not rows.old_logps.requires_grad
