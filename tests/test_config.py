@@ -208,3 +208,18 @@ def test_task_transcripts_is_checked(compose):
     cfg = compose("task=preference_files", "task.train=/some/train.jsonl", "task.transcripts=text")
     with pytest.raises(ConfigError, match="task.transcripts='text' is not valid; choose one of: chat, raw"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("algo=grpo", "algo.loss.delta=1.1"), r"grpo: delta=1.1 must be > 1 \+ eps_high"),
+    (("algo=grpo", "algo.loss.top_entropy_quantile=1.5"), "top_entropy_quantile"),
+    (("algo=gspo", "algo.loss.eps_low=1.5"), "gspo: eps_low"),
+    (("algo=cispo", "algo.loss.eps_max=-1"), "cispo: eps_max=-1"),
+    (("algo=rloo", "algo.loss.eps_high=-0.1"), "rloo: eps_high=-0.1"),
+    (("algo=remax", "algo.loss.eps_low=-0.2"), "remax: eps_low"),
+])
+def test_online_loss_values_fail_before_any_work(compose, overrides, message):
+    """A clip, weight cap or entropy setting the online objective would refuse at its first update is refused by
+    validate, before the SFT stage runs."""
+    with pytest.raises(ConfigError, match=message):
+        validate(compose("experiment=quick", *overrides))

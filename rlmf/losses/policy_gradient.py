@@ -111,6 +111,24 @@ def clip_metrics(
     }
 
 
+def online_check(name: str):
+    """The value checks of an online objective's hyperparameters, for ``register_loss(check=...)``: run by
+    ``rlmf.validate`` before any work, with every hyperparameter (defaults filled in). Checks what the objective
+    takes of: the clip (``eps_low`` or ``eps``, ``eps_high``, ``delta``), ``eps_max``, ``top_entropy_quantile`` and
+    ``entropy_coef``; the objective checks them again at call time."""
+    def check(**h) -> None:
+        if "eps_high" in h:
+            check_clip(name, h.get("eps_low", h.get("eps")), h["eps_high"], h.get("delta"))
+        if "eps_max" in h and not (math.isfinite(h["eps_max"]) and h["eps_max"] > 0):
+            raise ValueError(f"{name}: eps_max={h['eps_max']} must be a positive number (the cap on the weight)")
+        if "top_entropy_quantile" in h:
+            check_fraction(name, "top_entropy_quantile", h["top_entropy_quantile"], 0.0, 1.0, high_inclusive=True)
+        if "entropy_coef" in h and not math.isfinite(h["entropy_coef"]):
+            raise ValueError(f"{name}: entropy_coef={h['entropy_coef']} must be finite")
+
+    return check
+
+
 def entropy_terms(name: str, entropies: Optional[torch.Tensor], mask: torch.Tensor, top_entropy_quantile: float,
                   entropy_coef: float
                   ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Dict[str, torch.Tensor]]:
@@ -277,7 +295,8 @@ def drop_uniform_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 # ``mask_truncated_completions``, ...) live in ``algo.online``; what the objective itself takes is below.
 
 
-@register_loss("grpo", data="online", reference=True, targets="group", choices={"loss_type": GRPO_LOSS_TYPES})
+@register_loss("grpo", data="online", reference=True, targets="group", choices={"loss_type": GRPO_LOSS_TYPES},
+               check=online_check("grpo"))
 def grpo(
     policy_logps: torch.Tensor,
     old_logps: torch.Tensor,

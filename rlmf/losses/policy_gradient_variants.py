@@ -16,7 +16,7 @@ import torch
 
 from rlmf.losses.registry import LossResult, register_loss
 from rlmf.losses.advantages import masked_mean, token_mask
-from rlmf.losses.policy_gradient import check_clip, clip_metrics, clipped_surrogate, entropy_terms
+from rlmf.losses.policy_gradient import check_clip, clip_metrics, clipped_surrogate, entropy_terms, online_check
 
 
 def _sequence_advantages(name: str, advantages: torch.Tensor, mask: torch.Tensor) -> None:
@@ -24,7 +24,7 @@ def _sequence_advantages(name: str, advantages: torch.Tensor, mask: torch.Tensor
         raise ValueError(f"{name}: advantages must have shape [B] = [{mask.shape[0]}], got {tuple(advantages.shape)}")
 
 
-@register_loss("gspo", data="online", reference=False, targets="group")
+@register_loss("gspo", data="online", reference=False, targets="group", check=online_check("gspo"))
 def gspo(
     policy_logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -77,7 +77,7 @@ def gspo(
     return LossResult(loss=loss, metrics=metrics)
 
 
-@register_loss("cispo", data="online", reference=False, targets="group")
+@register_loss("cispo", data="online", reference=False, targets="group", check=online_check("cispo"))
 def cispo(
     policy_logps: torch.Tensor,
     old_logps: torch.Tensor,

@@ -18,7 +18,7 @@ import torch
 from rlmf.losses.registry import LossResult, register_loss
 from rlmf.losses._common import check_batch
 from rlmf.losses.advantages import masked_mean, token_mask
-from rlmf.losses.policy_gradient import check_clip, clip_metrics, clipped_surrogate
+from rlmf.losses.policy_gradient import check_clip, clip_metrics, clipped_surrogate, online_check
 
 def rloo_rewards(
     scores: torch.Tensor, logps_sum: torch.Tensor, reference_logps_sum: torch.Tensor, kl_coef: float
@@ -73,7 +73,8 @@ def rloo_loss(
     return LossResult(loss=per_sequence.mean(), metrics=clip_metrics(low, high, None, ratio.dtype))
 
 
-@register_loss("rloo", data="online", reference=False, targets="leave_one_out")
+@register_loss("rloo", data="online", reference=False, targets="leave_one_out",
+               check=online_check("rloo"))
 def rloo(
     policy_logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -125,7 +126,8 @@ def token_surrogate_loss(name: str, logps: torch.Tensor, old_logps: torch.Tensor
     return LossResult(loss=masked_mean(per_token, mask), metrics=clip_metrics(low, high, mask, logps.dtype))
 
 
-@register_loss("reinforce_pp", data="online", reference=False, targets="reinforce_pp")
+@register_loss("reinforce_pp", data="online", reference=False, targets="reinforce_pp",
+               check=online_check("reinforce_pp"))
 def reinforce_pp(
     policy_logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -154,7 +156,8 @@ def reinforce_pp(
     return token_surrogate_loss("reinforce_pp", policy_logps, old_logps, advantages, mask, eps_low, eps_high)
 
 
-@register_loss("reinforce_pp_baseline", data="online", reference=False, targets="reinforce_pp_baseline")
+@register_loss("reinforce_pp_baseline", data="online", reference=False, targets="reinforce_pp_baseline",
+               check=online_check("reinforce_pp_baseline"))
 def reinforce_pp_baseline(
     policy_logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -181,7 +184,8 @@ def reinforce_pp_baseline(
                                 eps_high)
 
 
-@register_loss("remax", data="online", reference=False, targets="greedy_baseline")
+@register_loss("remax", data="online", reference=False, targets="greedy_baseline",
+               check=online_check("remax"))
 def remax(
     policy_logps: torch.Tensor,
     old_logps: torch.Tensor,
