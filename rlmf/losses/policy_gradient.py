@@ -119,14 +119,25 @@ def online_check(name: str):
     def check(**h) -> None:
         if "eps_high" in h:
             check_clip(name, h.get("eps_low", h.get("eps")), h["eps_high"], h.get("delta"))
-        if "eps_max" in h and not (math.isfinite(h["eps_max"]) and h["eps_max"] > 0):
-            raise ValueError(f"{name}: eps_max={h['eps_max']} must be a positive number (the cap on the weight)")
+        if "eps_max" in h:
+            check_eps_max(name, h["eps_max"])
         if "top_entropy_quantile" in h:
-            check_fraction(name, "top_entropy_quantile", h["top_entropy_quantile"], 0.0, 1.0, high_inclusive=True)
-        if "entropy_coef" in h and not math.isfinite(h["entropy_coef"]):
-            raise ValueError(f"{name}: entropy_coef={h['entropy_coef']} must be finite")
+            check_entropy_options(name, h["top_entropy_quantile"], h.get("entropy_coef", 0.0))
 
     return check
+
+
+def check_eps_max(name: str, eps_max: float) -> None:
+    """CISPO's cap on the importance weight: a positive finite number."""
+    if not (math.isfinite(eps_max) and eps_max > 0):
+        raise ValueError(f"{name}: eps_max={eps_max} must be a positive number (the cap on the importance weight)")
+
+
+def check_entropy_options(name: str, top_entropy_quantile: float, entropy_coef: float) -> None:
+    """``top_entropy_quantile`` in [0, 1] and a finite ``entropy_coef``."""
+    check_fraction(name, "top_entropy_quantile", top_entropy_quantile, 0.0, 1.0, high_inclusive=True)
+    if not math.isfinite(entropy_coef):
+        raise ValueError(f"{name}: entropy_coef={entropy_coef} must be finite")
 
 
 def entropy_terms(name: str, entropies: Optional[torch.Tensor], mask: torch.Tensor, top_entropy_quantile: float,
@@ -146,9 +157,7 @@ def entropy_terms(name: str, entropies: Optional[torch.Tensor], mask: torch.Tens
 
     ``entropies`` ``[B, T]`` (the policy's, carrying gradient for the bonus) are required when either option is on.
     """
-    check_fraction(name, "top_entropy_quantile", top_entropy_quantile, 0.0, 1.0, high_inclusive=True)
-    if not math.isfinite(entropy_coef):
-        raise ValueError(f"{name}: entropy_coef={entropy_coef} must be finite")
+    check_entropy_options(name, top_entropy_quantile, entropy_coef)
     if entropies is None:
         if top_entropy_quantile < 1.0 or entropy_coef != 0.0:
             raise ValueError(f"{name}: top_entropy_quantile={top_entropy_quantile} and entropy_coef={entropy_coef} "

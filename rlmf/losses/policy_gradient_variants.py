@@ -9,14 +9,20 @@ Both train on group-relative advantages (the trainer's ``group`` estimator, :mod
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from rlmf.losses.registry import LossResult, register_loss
 from rlmf.losses.advantages import masked_mean, token_mask
-from rlmf.losses.policy_gradient import check_clip, clip_metrics, clipped_surrogate, entropy_terms, online_check
+from rlmf.losses.policy_gradient import (
+    check_clip,
+    check_eps_max,
+    clip_metrics,
+    clipped_surrogate,
+    entropy_terms,
+    online_check,
+)
 
 
 def _sequence_advantages(name: str, advantages: torch.Tensor, mask: torch.Tensor) -> None:
@@ -110,8 +116,7 @@ def cispo(
     ``[B, T]``. Metrics: TRL's ``cispo_clip_ratio`` (token mean of ``r_t > eps_max`` where ``A_i > 0``) and
     ``entropy``.
     """
-    if not (math.isfinite(eps_max) and eps_max > 0):
-        raise ValueError(f"cispo: eps_max={eps_max} must be a positive number (the cap on the importance weight)")
+    check_eps_max("cispo", eps_max)
     mask = token_mask("cispo", mask, policy_logps=policy_logps, old_logps=old_logps)
     _sequence_advantages("cispo", advantages, mask)
     keep, bonus, metrics = entropy_terms("cispo", entropies, mask, top_entropy_quantile, entropy_coef)
