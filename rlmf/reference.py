@@ -46,12 +46,17 @@ def _hash_file(digest, path: Path) -> None:
 
 
 def model_fingerprint(name_or_path: str | Path) -> str:
-    """What identifies a saved model: the bytes of its weight, config and tokenizer files, whatever their size.
+    """What identifies a saved model: the bytes of its weight, config and tokenizer files (or of its one file, a
+    ``.gguf``), whatever their size.
 
     A hub name is fingerprinted through its local snapshot (no network); a name with no local files falls back to
     the name itself, with a warning, since nothing else identifies it.
     """
     directory = Path(name_or_path)
+    if directory.is_file():  # a single-file checkpoint (.gguf)
+        digest = hashlib.sha256(b"file:")
+        _hash_file(digest, directory)
+        return digest.hexdigest()
     if not directory.is_dir():
         try:
             from huggingface_hub import snapshot_download

@@ -10,7 +10,6 @@ wait, then read it. The evaluation caches each generator's result under the same
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any, Dict, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlmf.files import write_atomic
+from rlmf.files import exclusive_lock, write_atomic
 
 SHARED_STAGES = ("sft", "feedback", "discriminator", "judge")
 # ... and the align stage's round of machine feedback (rlmf.stages.align.round_feedback): the SFT model's samples
@@ -85,19 +84,10 @@ def stage_key(cfg: DictConfig, stage: str) -> str:
     return content_key(stage, {"inputs": stage_inputs(cfg, stage), "after": [stage_key(cfg, s) for s in previous]})
 
 
-@contextlib.contextmanager
 def stage_lock(directory: Path):
-    """An exclusive lock on ``<directory>.lock`` (``fcntl.flock``): one job computes a shared stage while the others
-    wait, then find its ``done.json``. The lock dies with its process, so a killed job never blocks the sweep."""
-    import fcntl
-
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with open(directory.with_name(directory.name + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """An exclusive lock on ``<directory>.lock`` (:func:`rlmf.files.exclusive_lock`): one job computes a shared stage
+    while the others wait, then find its ``done.json``. A killed job never blocks the sweep."""
+    return exclusive_lock(directory.with_name(directory.name + ".lock"))
 
 
 def link_shared_stage(run_dir: Path, stage: str, shared: Path) -> None:

