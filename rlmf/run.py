@@ -95,11 +95,17 @@ class Run:
         """``<stage.cache_dir>/<stage>-<key>`` for a stage every job with the same inputs can share (sft, feedback,
         discriminator of round 1; :func:`stage_key`), or None when ``stage.cache_dir`` is null. A relative
         ``cache_dir`` is taken from the directory that holds the run directory: the sweep directory in a multirun."""
-        if self.cfg.stage.get("cache_dir") is None or stage not in SHARED_STAGES or self.round != 1:
+        root = self.shared_root()
+        if root is None or stage not in SHARED_STAGES or self.round != 1:
+            return None
+        return root / f"{stage}-{stage_key(self.cfg, stage)[:16]}"
+
+    def shared_root(self) -> Optional[Path]:
+        """``stage.cache_dir`` (a relative one taken from the directory that holds the run directory), or None."""
+        if self.cfg.stage.get("cache_dir") is None:
             return None
         root = Path(self.cfg.stage.cache_dir)
-        root = root if root.is_absolute() else self.run_dir.parent / root
-        return root / f"{stage}-{stage_key(self.cfg, stage)[:16]}"
+        return root if root.is_absolute() else self.run_dir.parent / root
 
     def shared_feedback_dir(self) -> Optional[Path]:
         """Where the align stage's round of machine feedback is shared (round 1 with ``stage.cache_dir``), else

@@ -166,3 +166,6 @@ class EvaluateConfig:
                 "the jobs of a sweep (stage.cache_dir) and trained with judge_seed, so every arm and seed is graded "
                 "by the same judge."})
     judge_seed: int = field(default=0, metadata={"help": "Seed of that judge's training, whatever the job's seed."})
+    judge_max_epochs: Optional[int] = field(default=None, metadata={
+        "help": "Passes of that judge over its rows; null: discriminator.max_epochs. Its held-out accuracy is "
+                "measured on all of the task's own pairs (task.rows), which it never sees."})

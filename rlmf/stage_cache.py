@@ -30,7 +30,8 @@ STAGE_INPUTS = {
     "feedback": ("task", "loop.allocation", "loop.sends_per_prompt", "loop.weighting"),
     "discriminator": ("discriminator",),
     # The evaluation's judge (evaluate.judge_rows) reads no earlier stage and not the job's seed: one per sweep.
-    "judge": ("discriminator", "task", "evaluate.judge_rows", "evaluate.judge_seed", "trainer"),
+    "judge": ("discriminator", "task", "evaluate.judge_rows", "evaluate.judge_seed", "evaluate.judge_max_epochs",
+              "trainer"),
     "align_feedback": ("task", "reward", "feedback.pairs", "feedback.reviser", "feedback.reviser_path",
                        "feedback.chosen_rank"),
 }

@@ -139,6 +139,13 @@ def _validate_task_loop_and_evaluation(cfg: DictConfig) -> None:
         if cfg.task.name != "preference_files" or cfg.evaluate.judge:
             raise ConfigError("evaluate.judge_rows trains a judge on rows of task.train: it needs "
                               "task=preference_files and no evaluate.judge (a judge already trained)")
+        rows = cfg.task.rows
+        if rows is None or max(rows[0], cfg.evaluate.judge_rows[0]) < min(rows[1], cfg.evaluate.judge_rows[1]):
+            raise ConfigError(f"evaluate.judge_rows={list(cfg.evaluate.judge_rows)} overlaps task.rows="
+                              f"{rows if rows is None else list(rows)}: the judge's rows must be rows the policy and "
+                              "its reward model never see (set task.rows to a [start, stop) span outside them)")
+    if cfg.evaluate.judge_max_epochs is not None and cfg.evaluate.judge_max_epochs < 1:
+        raise ConfigError(f"evaluate.judge_max_epochs={cfg.evaluate.judge_max_epochs} must be at least 1 (or null)")
     if cfg.get("reward") is not None:
         validate_reward_config(cfg.reward, static=True)
 

@@ -122,18 +122,25 @@ def test_an_independent_judge_grades_every_seed_the_same(compose, tmp_path):
 
     train = _write_jsonl(tmp_path / "pairs.jsonl", _preference_rows(40))
     common = ("experiment=tiny_models", "task=preference_files", f"task.train={train}", "task.rows=[0,20]",
-              "evaluate.judge_rows=[20,40]", "task.eval_prompts=2", "stage.cache_dir=shared",
-              "stage.stages=[sft,discriminator,align,evaluate]")
+              "evaluate.judge_rows=[20,40]", "evaluate.judge_max_epochs=3", "task.eval_prompts=2",
+              "stage.cache_dir=shared", "stage.stages=[sft,discriminator,align,evaluate]")
     summaries = [run_job(compose(*common, f"seed={seed}"), tmp_path / "sweep" / str(seed)) for seed in (0, 1)]
     assert all(s["sft/train_examples"] == 18 for s in summaries)  # rows 0..19, less the held-out tenth
     assert summaries[0]["judge/train_rows"] == summaries[1]["judge/train_rows"] == 20
     assert summaries[0]["judge/accuracy"] == summaries[1]["judge/accuracy"]
+    assert summaries[0]["judge/steps"] == 3 * (20 // 8)  # judge_max_epochs passes of whole batches of 8
+    assert summaries[0]["judge/heldout_pairs"] == 20  # all of task.rows (train and eval pairs), none of its own
     judges = list((tmp_path / "sweep" / "shared").glob("judge-*/model"))
     assert len(judges) == 1, "one judge for the sweep, whatever the seed"
     for summary in summaries:
         assert "winrate/aligned" in summary and "discriminator/reward/aligned" in summary
     with pytest.raises(ConfigError, match="evaluate.judge_rows=\\[5, 2\\] must be"):
         validate(compose(*common, "evaluate.judge_rows=[5,2]"))
+    for rows in ("task.rows=[0,25]", "task.rows=null"):  # the judge must not grade on rows the policy trains on
+        with pytest.raises(ConfigError, match="evaluate.judge_rows=\\[20, 40\\] overlaps task.rows"):
+            validate(compose(*common, rows))
+    with pytest.raises(ConfigError, match="evaluate.judge_max_epochs=0 must be at least 1"):
+        validate(compose(*common, "evaluate.judge_max_epochs=0"))
 
 
 def test_bad_row_stops_before_training_and_names_file_line_field(compose, tmp_path):

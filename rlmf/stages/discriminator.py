@@ -4,7 +4,7 @@ independent judge (``evaluate.judge_rows``), both by :func:`fit_discriminator`."
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from rlmf.data import load_feedback, load_pairs, pairs_to_feedback, read_written
 from rlmf.data.loading import RowsDataModule
@@ -45,21 +45,27 @@ def stage_discriminator(run: Run) -> Dict[str, Any]:
 
 def stage_judge(run: Run) -> Dict[str, Any]:
     """The evaluation's independent judge (``evaluate.judge_rows``): a discriminator trained on those rows of
-    ``task.train``, which neither the policy nor its reward model trains on; held out: the task's eval pairs."""
-    rows = run.task.rows(run.cfg.evaluate.judge_rows)
+    ``task.train``, which neither the policy nor its reward model trains on, for ``evaluate.judge_max_epochs``
+    passes. Held out: all of the task's own pairs (its train and eval pairs, ``task.rows``), which the judge never
+    sees: ten times the eval pairs alone, so its accuracy is known to about +-0.04 rather than +-0.14."""
+    e = run.cfg.evaluate
+    rows = run.task.rows(e.judge_rows)
     train_rows = pairs_to_feedback(rows) if run.cfg.discriminator.objective == "thumbs" else rows
-    return fit_discriminator(run, "judge", build_discriminator(run.cfg), train_rows,
-                             run.task.preference_pairs("eval"), run.cfg.evaluate.judge_seed)
+    heldout = run.task.preference_pairs("train") + run.task.preference_pairs("eval")
+    return fit_discriminator(run, "judge", build_discriminator(run.cfg), train_rows, heldout, e.judge_seed,
+                             epochs=e.judge_max_epochs, validate=False)
 
 
 def fit_discriminator(run: Run, stage: str, module: Discriminator, train_rows: List[Any], heldout: List[Any],
-                      seed: int) -> Dict[str, Any]:
-    """Train ``module`` on ``train_rows`` (batches drawn with ``seed``), save it in ``<stage dir>/model`` and
-    report its pairwise accuracy on ``heldout`` before and after, as ``<stage>/accuracy``."""
+                      seed: int, epochs: Optional[int] = None, validate: bool = True) -> Dict[str, Any]:
+    """Train ``module`` on ``train_rows`` (batches drawn with ``seed``) for ``epochs`` passes (None:
+    ``discriminator.max_epochs``), save it in ``<stage dir>/model`` and report its pairwise accuracy on ``heldout``
+    before and after, as ``<stage>/accuracy`` (and ``<stage>/heldout_pairs``, how many). ``validate``: also run
+    Lightning's validation loop (loss and accuracy logged) on ``heldout`` after every epoch."""
     d = run.cfg.discriminator
     data = RowsDataModule(train_rows, heldout, module.training_collator(), d.batch_size, seed=seed,
                           num_workers=run.cfg.trainer.num_workers, val_collate=module.validation_collator())
-    steps = stage_steps(run, d.max_epochs * data.batches_per_epoch())
+    steps = stage_steps(run, (epochs or d.max_epochs) * data.batches_per_epoch())
 
     def accuracy() -> float:
         if not heldout or not is_main_process():
@@ -69,8 +75,9 @@ def fit_discriminator(run: Run, stage: str, module: Discriminator, train_rows: L
             return pairwise_accuracy(module, heldout)
 
     return train_stage(
-        run, stage, module, data, steps, validate=bool(heldout),
+        run, stage, module, data, steps, validate=validate and bool(heldout),
         measure_before=lambda trainer: {f"{stage}/accuracy_before_training": accuracy()},
         measure=lambda trainer: {f"{stage}/accuracy": accuracy(), f"{stage}/train_rows": len(train_rows),
+                                 f"{stage}/heldout_pairs": len(heldout),
                                  f"{stage}/steps": steps},
         save=lambda out: module.save(out / "model"))

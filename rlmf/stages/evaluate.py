@@ -188,9 +188,13 @@ def stage_evaluate(run: Run) -> Dict[str, Any]:
     rewards: Dict[str, List[List[float]]] = {}
     out = run.stage_dir("evaluate")
     for name, path in checkpoints.items():
-        key = content_key("evaluate", {**inputs, "generator": name, "fingerprint": model_fingerprint(path)})[:16]
-        # Beside the checkpoint when it is a directory of ours, so sweeps sharing it evaluate it once.
-        cache = (Path(path).parent if Path(path).is_dir() else out) / f"eval-{name}-{key}.json"
+        # beta only enters the implicit rewards of the generators alignment moved, not the start's own result.
+        beta = inputs["beta"] if name != start_name else None
+        key = content_key("evaluate", {**inputs, "beta": beta, "generator": name,
+                                       "fingerprint": model_fingerprint(path)})[:16]
+        # Beside the checkpoint when it is a directory of ours, else among the sweep's shared stages
+        # (stage.cache_dir), so the jobs sharing a generator (an SFT model, a hub or .gguf start) evaluate it once.
+        cache = (Path(path).parent if Path(path).is_dir() else run.shared_root() or out) / f"eval-{name}-{key}.json"
         result, samples[name], rewards[name] = cached(cache, lambda: evaluate_generator(
             run, name, path, prompts, discriminator, reference, start_name))
         metrics.update(result)
