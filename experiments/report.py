@@ -57,7 +57,8 @@ REAL_MODEL_METRICS = (
 COLUMNS = {"smollm2_hh": REAL_MODEL_METRICS}
 CAPTIONS = {"smollm2_hh": "Held-out HH pairs and their prompts; the judge is a reward model trained on pairs neither "
                           "the policy nor its proxy saw. Win rate: the aligned model's sample against the starting "
-                          "model's, a tie 1/2."}
+                          "model's, a tie 1/2. Proxy RM accuracy: on the held-out pairs (the last tenth of task.rows); "
+                          "judge accuracy: on every pair of task.rows, none of which it saw."}
 # The per-job table: (title, summary key) columns
 JOB_COLUMNS = (("gold reply rate", "gold/reply_rate/aligned"), ("SE", "gold/reply_rate_se/aligned"),
                ("KL vs SFT", "kl/aligned"))

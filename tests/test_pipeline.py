@@ -192,6 +192,26 @@ def test_evaluation_of_a_shared_generator_is_cached(compose, tmp_path):
     assert len(list((base / "sft").glob("eval-*.json"))) == 4
 
 
+def test_a_start_outside_any_run_is_evaluated_once_per_sweep_and_nothing_is_written_beside_it(compose, tmp_path):
+    """A hub, local or .gguf start (generator=hf) is evaluated once for the jobs of a sweep, in its shared stages
+    (stage.cache_dir), never in the folder of a model the run did not write."""
+    import shutil
+
+    run_job(compose("experiment=quick", "stage=sft"), tmp_path / "base")
+    models = tmp_path / "models"
+    shutil.copytree(tmp_path / "base" / "sft" / "generator", models / "mine")
+    g = compose("experiment=quick").generator
+    job = ("experiment=quick", "stage=evaluate", "generator=hf", f"generator.name_or_path={models / 'mine'}",
+           f"generator.max_length={g.max_length}", f"generator.max_prompt_length={g.max_prompt_length}",
+           "stage.cache_dir=shared")
+    first = run_job(compose(*job), tmp_path / "sweep" / "0")
+    caches = list((tmp_path / "sweep" / "shared").glob("eval-initial-*.json"))
+    assert len(caches) == 1 and "gold/reply_rate/initial" in first
+    stamp = caches[0].stat().st_mtime_ns
+    assert run_job(compose(*job), tmp_path / "sweep" / "1") == first and caches[0].stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in models.iterdir()) == ["mine"], "nothing written beside the user's model"
+
+
 def test_beta_sweep_reuses_cached_reference_logps(compose, tmp_path):
     base = tmp_path / "base"
     run_job(compose("experiment=quick", "stage.stages=[sft,feedback,discriminator]"), base)

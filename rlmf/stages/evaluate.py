@@ -157,6 +157,16 @@ def evaluation_inputs(run: Run, prompts: List[Any], judge_dir: Optional[Path], s
             "placement": str(run.placement)}
 
 
+def evaluation_cache_dir(run: Run, checkpoint: Path) -> Path:
+    """Where a generator's evaluation result is kept, so the jobs sharing that generator evaluate it once: beside
+    the checkpoint when it is a stage's output (an SFT model from ``stage.from_run`` or the shared stages), else
+    among the sweep's shared stages (``stage.cache_dir``: a hub, local or ``.gguf`` start), else in this run's
+    evaluate stage. Never beside a model the run did not write."""
+    if checkpoint.is_dir() and (checkpoint.parent / "done.json").exists():
+        return checkpoint.parent
+    return run.shared_root() or run.stage_dir("evaluate")
+
+
 def cached(path: Path, compute):
     """``compute()``'s JSON result, stored at ``path`` (atomically) the first time and read back after."""
     if path.exists():
@@ -192,9 +202,7 @@ def stage_evaluate(run: Run) -> Dict[str, Any]:
         beta = inputs["beta"] if name != start_name else None
         key = content_key("evaluate", {**inputs, "beta": beta, "generator": name,
                                        "fingerprint": model_fingerprint(path)})[:16]
-        # Beside the checkpoint when it is a directory of ours, else among the sweep's shared stages
-        # (stage.cache_dir), so the jobs sharing a generator (an SFT model, a hub or .gguf start) evaluate it once.
-        cache = (Path(path).parent if Path(path).is_dir() else run.shared_root() or out) / f"eval-{name}-{key}.json"
+        cache = evaluation_cache_dir(run, Path(path)) / f"eval-{name}-{key}.json"
         result, samples[name], rewards[name] = cached(cache, lambda: evaluate_generator(
             run, name, path, prompts, discriminator, reference, start_name))
         metrics.update(result)
