@@ -46,8 +46,9 @@ def stage_discriminator(run: Run) -> Dict[str, Any]:
 def stage_judge(run: Run) -> Dict[str, Any]:
     """The evaluation's independent judge (``evaluate.judge_rows``): a discriminator trained on those rows of
     ``task.train``, which neither the policy nor its reward model trains on, for ``evaluate.judge_max_epochs``
-    passes. Held out: all of the task's own pairs (its train and eval pairs, ``task.rows``), which the judge never
-    sees: ten times the eval pairs alone, so its accuracy is known to about +-0.04 rather than +-0.14."""
+    passes. Held out: all of the task's own pairs (its train and eval pairs), none of which the judge sees: many
+    more than the eval pairs alone (ten times as many when the eval pairs are the last tenth of ``task.rows``), so
+    its accuracy is measured to a few points rather than a dozen."""
     e = run.cfg.evaluate
     rows = run.task.rows(e.judge_rows)
     train_rows = pairs_to_feedback(rows) if run.cfg.discriminator.objective == "thumbs" else rows
