@@ -71,7 +71,7 @@ def test_save_and_load_back_gives_identical_logits(smollm2, tmp_path):
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def dequantised_twice_cache(tmp_path, monkeypatch, tiny_checkpoint):
+def fake_gguf_and_cache(tmp_path, monkeypatch, tiny_checkpoint):
     """A fake ``.gguf`` file, ``RLMF_CACHE`` in ``tmp_path``, and ``rlmf.models.dequantise_gguf`` replaced by a
     counter that returns a tiny Llama: ``(path, calls)``."""
     import rlmf.models
@@ -92,7 +92,7 @@ def dequantised_twice_cache(tmp_path, monkeypatch, tiny_checkpoint):
 def test_a_gguf_file_is_dequantised_once_and_read_back_after(tmp_path, monkeypatch, tiny_checkpoint):
     from rlmf.models import gguf_cache_dir
 
-    path, calls = dequantised_twice_cache(tmp_path, monkeypatch, tiny_checkpoint)
+    path, calls = fake_gguf_and_cache(tmp_path, monkeypatch, tiny_checkpoint)
     expected, _ = load_generator(tiny_checkpoint("llama"))
     first, _ = load_generator(path)
     second, tokenizer = load_generator(path)
@@ -114,7 +114,7 @@ def test_a_failed_dequantisation_leaves_no_cache_entry(tmp_path, monkeypatch, ti
     import rlmf.models
     from rlmf.models import gguf_cache_dir
 
-    path, calls = dequantised_twice_cache(tmp_path, monkeypatch, tiny_checkpoint)
+    path, calls = fake_gguf_and_cache(tmp_path, monkeypatch, tiny_checkpoint)
     monkeypatch.setattr(rlmf.models, "save_generator", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         load_generator(path)
