@@ -44,7 +44,6 @@ tolerances.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import tempfile
@@ -52,7 +51,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from process_stats import lightning_step_timer, run_worker, transformers_step_timer
+from process_stats import lightning_step_timer, run_worker, transformers_step_timer, write_csv
 
 METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 METRIC_PREFIX = "align/train/"
@@ -424,12 +423,8 @@ def main(argv=None):
                      for r in timing]
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("section", "impl", "step"), k))
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, rows, fields)
     print(f"wrote {out}; total wall {time.perf_counter() - started:.0f} s")
 
 

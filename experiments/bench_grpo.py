@@ -52,7 +52,6 @@ above the resident set at that reset. Results are printed and written to ``exper
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -60,7 +59,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from process_stats import StepTimer, lightning_step_timer, run_worker, transformers_step_timer
+from process_stats import StepTimer, lightning_step_timer, run_worker, transformers_step_timer, write_csv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("ours_padded", "ours", "trl")
@@ -395,17 +394,13 @@ def main(argv=None):
         print(f"completion tokens/step: ours {ours['completion_tokens_per_step']:.0f}, "
               f"TRL {ref['completion_tokens_per_step']:.0f} (at most {most})")
     out = Path(args.out) if args.out else RESULTS / ("bench_grpo_cpu_quick.csv" if args.quick else "bench_grpo_cpu.csv")
-    out.parent.mkdir(parents=True, exist_ok=True)
     fields = ["impl", "hidden_size", "layers", "heads", "vocab", "params", "num_generations", "prompts_per_step",
               "max_completion_length", "beta", "steps", "warmup", "threads", "steps_timed", "s_per_step",
               "s_per_step_min", "s_per_step_max", "cpu_s_per_step", "prompt_tokens_per_step",
               "completion_tokens_per_step", "completion_fill", "tokens_per_s", "peak_rss_mb", "base_rss_mb",
               "train_peak_mb", "speedup_vs_trl", "peak_ratio_vs_trl", "train_peak_ratio_vs_trl", "process_wall_s",
               "note"]
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, rows, fields)
     print(f"wrote {out}; total wall {time.perf_counter() - started:.0f} s")
 
 

@@ -24,7 +24,6 @@ slower; GPU, the logits forward reaches >= 85% of peak HBM bandwidth and the hid
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -34,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from process_stats import cpu_seconds, meminfo, peak_rss, reset_peak_rss
+from process_stats import cpu_seconds, meminfo, peak_rss, reset_peak_rss, write_csv
 
 GRID_N = (2048, 8192)
 GRID_H = (256, 2048)
@@ -349,14 +348,10 @@ def main(argv=None):
 
     _print_table(rows, f"fwd+bwd of -logprobs.sum(), {label}, {dtype}")
     out = Path(args.out) if args.out else RESULTS / f"bench_logprobs_{label}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
     fields = ["device", "dtype", "threads", "op", "n", "h", "v", "impl", "time_ms", "cpu_ms", "peak_mb", "grads_mb",
               "time_ratio", "cpu_ratio", "mem_ratio", "extra_mem_ratio", "forward_ms", "forward_tb_s",
               "bandwidth_fraction", "note"]
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, rows, fields)
     print(f"wrote {out}")
     _print_targets(rows, device)
 

@@ -32,7 +32,6 @@ ratios ours / generate and written to ``experiments/results/bench_sampling_cpu.c
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -40,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from process_stats import cpu_seconds, peak_rss, reset_peak_rss, run_worker
+from process_stats import cpu_seconds, peak_rss, reset_peak_rss, run_worker, write_csv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RESULT_MARK = "BENCH_SAMPLING_RESULT "
@@ -250,15 +249,11 @@ def _ratios(rows):
 
 
 def _write_csv(rows, out: Path):
-    out.parent.mkdir(parents=True, exist_ok=True)
     fields = ["model", "weights", "mode", "sampler", "rows", "max_new_tokens", "temperature", "params", "threads",
               "attn", "calls_timed", "s_per_call", "cpu_s_per_call", "prompt_tokens_per_call", "generated_per_call",
               "stopped_rows", "tokens_per_s", "speedup_vs_hf", "peak_rss_mb", "sampling_peak_mb", "peak_ratio_vs_hf",
               "process_wall_s", "note"]
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, rows, fields)
     print(f"wrote {out}")
 
 

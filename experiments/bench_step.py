@@ -78,7 +78,6 @@ apply there. TRL is timed only where it is installed.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import random
@@ -87,7 +86,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from process_stats import StepTimer, lightning_step_timer, meminfo, run_worker, transformers_step_timer
+from process_stats import StepTimer, lightning_step_timer, meminfo, run_worker, transformers_step_timer, write_csv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("eager", "ours_padded", "ours", "trl")
@@ -768,7 +767,6 @@ def main(argv=None):
     suffix = "" if args.precision == "32-true" else "_bf16"
     out = Path(args.out) if args.out else RESULTS / (
         f"bench_step_{args.device}_{'quick' if args.quick else args.shape}{suffix}.csv")
-    out.parent.mkdir(parents=True, exist_ok=True)
     fields = ["impl", "shape", "hidden_size", "layers", "heads", "vocab", "tokenizer_vocab", "params", "batch_size",
               "max_length", "steps", "warmup", "threads", "steps_timed", "s_per_step", "s_per_step_min",
               "s_per_step_max", "cpu_s_per_step", "tokens_per_step", "tokens_per_s", "peak_rss_mb", "base_rss_mb",
@@ -776,10 +774,7 @@ def main(argv=None):
               "ours_over_padded_peak", "ours_vs_eager_throughput", "ours_vs_trl_throughput", "ours_over_trl_peak",
               "ours_over_trl_train_peak", "ours_over_eager_peak", "ours_over_eager_train_peak", "same_batches",
               "process_wall_s", "note"]
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, rows, fields)
     print(f"wrote {out}; total wall {time.perf_counter() - started:.0f} s")
 
 

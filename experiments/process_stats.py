@@ -3,17 +3,20 @@ GPU, the peak of the memory torch allocated there).
 
 Peak memory is ``VmHWM`` from ``/proc/self/status``, reset to the current resident set by writing ``5`` to
 ``/proc/self/clear_refs``, so a measurement covers only what runs after the reset. Imported by the scripts in this
-folder (they run as ``python experiments/<script>.py``, which puts this folder on the import path).
+folder (they run as ``python experiments/<script>.py``, which puts this folder on the import path), which also write
+their result rows through :func:`write_csv`.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import resource
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 
 def cpu_seconds() -> float:
@@ -169,3 +172,14 @@ def run_worker(script: str, spec: Dict[str, Any], result_mark: str, timeout: flo
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
         return {"error": tail[0][:300], "stderr_tail": (proc.stderr or "")[-3000:]}
     return {**json.loads(results[-1][len(result_mark):]), "process_wall_s": wall}
+
+
+def write_csv(path: Path, rows: Sequence[Dict[str, Any]], fields: List[str]) -> Path:
+    """``rows`` as a CSV at ``path`` (its folder created), the columns ``fields`` in that order; keys of a row that
+    are not among them are left out."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
