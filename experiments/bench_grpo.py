@@ -34,7 +34,11 @@ machine shared with other jobs two OpenMP threads that spin-wait for each other 
 over 100x slower (``--threads 0`` keeps torch's default). Step time: Lightning's ``on_train_batch_start`` /
 ``_end`` (ours), the ``TrainerCallback``'s ``on_step_begin`` / ``on_step_end`` (TRL); the first ``--warmup`` steps
 are dropped and the median of the rest is reported, with the process's CPU time (user + system, all threads) per
-step beside it.
+step beside it. Sampling is also timed alone, inside the same steps: every call of the function each side samples a
+rollout through (ours: :func:`rlmf.generation.sample_tokens` as ``rlmf.modules.rollouts`` calls it; TRL:
+``GRPOTrainer._generate_single_turn``, its ``model.generate`` path), with the tokens it generated (each completion
+up to and including its stop token); the table gives its seconds per timed step, generated tokens/s and share of
+the step.
 Tokens/s is prompt + completion tokens (unpadded, the stop token included) of the timed steps over their summed
 step time. Peak memory is the process's peak resident set (VmHWM, reset through ``/proc/self/clear_refs`` when
 training starts, so it covers the training steps only), both absolute (libraries and both models included) and
@@ -89,6 +93,27 @@ class StepLog(StepTimer):
     def __init__(self):
         super().__init__()
         self.prompt_tokens, self.completion_tokens = [], []
+        self.generations = []  # (step index, seconds, generated tokens) of each sampling call
+
+    def timing_generation(self, generate, count_tokens):
+        """``generate`` wrapped to record each call's wall time and the tokens it generated (``count_tokens`` of
+        its result), under the index of the step it ran in."""
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            result = generate(*args, **kwargs)
+            self.generations.append((len(self.times), time.perf_counter() - start, count_tokens(result)))
+            return result
+
+        return timed
+
+    def generation_summary(self, warmup: int, steps: int, step_seconds: float) -> dict:
+        """Sampling alone over the timed steps: seconds per step, generated tokens/s, share of the step time."""
+        timed = [(seconds, tokens) for step, seconds, tokens in self.generations if step >= warmup]
+        if not timed:
+            raise RuntimeError("no sampling call was recorded during the timed steps")
+        seconds, tokens = sum(t for t, _ in timed), sum(n for _, n in timed)
+        return {"generation_s_per_step": seconds / steps, "generated_tokens_per_s": tokens / seconds,
+                "generation_share": seconds / step_seconds}
 
     def summary(self, warmup: int, max_completion_tokens: int) -> dict:
         if len(self.times) <= warmup:
@@ -112,6 +137,7 @@ class StepLog(StepTimer):
             "base_rss_mb": self.base_rss / 2**20,
             "train_peak_mb": (self.peak_rss - self.base_rss) / 2**20,
             "all_step_times": [round(t, 4) for t in self.times],
+            **self.generation_summary(warmup, len(times), sum(times)),
         }
 
 
@@ -145,6 +171,7 @@ def _run_ours(spec: dict, prompts, log: StepLog) -> dict:
     from rlmf.data.tokenization import tokenize_prompts
     from rlmf.config import compose_config
     from rlmf.models import load_generator
+    from rlmf.modules import rollouts
     from rlmf.modules.build import build_online_generator
     from rlmf.modules.online import needs_reference
     from rlmf.reference import frozen_copy
@@ -180,6 +207,8 @@ def _run_ours(spec: dict, prompts, log: StepLog) -> dict:
         log.completion_tokens.append(mean_length * batch["prompt_ids"].shape[0] * g)
 
     timer = lightning_step_timer(log, count_prompt_tokens, count_completion_tokens)
+    # The rollout samples through rlmf.generation.sample_tokens, as rollouts.py imported it: (tokens, keep).
+    rollouts.sample_tokens = log.timing_generation(rollouts.sample_tokens, lambda result: int(result[1].sum()))
 
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(max_steps=spec["warmup"] + spec["steps"], accelerator="cpu", devices=1, logger=False,
@@ -228,6 +257,10 @@ def _run_trl(spec: dict, prompts, log: StepLog) -> dict:
         trainer = GRPOTrainer(model=spec["checkpoint"], reward_funcs=length_reward, args=config,
                               train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
         trainer.remove_callback(PrinterCallback)
+        # TRL 1.16 samples a generation batch in _generate_single_turn: (completion ids per completion, each up to
+        # and including its stop token; log-probs).
+        trainer._generate_single_turn = log.timing_generation(
+            trainer._generate_single_turn, lambda result: sum(len(ids) for ids in result[0]))
         trainer.train()
         attn = trainer.model.config._attn_implementation
     return {"attn": attn, "reference": trainer.ref_model is not None}
@@ -266,16 +299,19 @@ def _measure(spec: dict, timeout: float) -> dict:
 
 
 def _print_table(rows, title):
-    headers = ["implementation", "s/step (median)", "completion tokens/step", "tokens/s", "peak RSS (MB)",
+    headers = ["implementation", "s/step (median)", "completion tokens/step", "tokens/s", "sampling s/step",
+               "sampling generated tokens/s", "sampling share of step", "peak RSS (MB)",
                "train peak above base (MB)", "CPU s/step", "note"]
     lines = []
     for r in rows:
         if "s_per_step" not in r:
-            lines.append([r["impl"], "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", r.get("note", "")])
+            lines.append([r["impl"], *["n/a"] * (len(headers) - 2), r.get("note", "")])
             continue
         lines.append([r["impl"], f"{r['s_per_step']:.3f}",
                       f"{r['completion_tokens_per_step']:.0f} ({100 * r['completion_fill']:.0f}% of max)",
-                      f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{r['train_peak_mb']:.0f}",
+                      f"{r['tokens_per_s']:.0f}", f"{r['generation_s_per_step']:.3f}",
+                      f"{r['generated_tokens_per_s']:.0f}", f"{100 * r['generation_share']:.0f}%",
+                      f"{r['peak_rss_mb']:.0f}", f"{r['train_peak_mb']:.0f}",
                       f"{r['cpu_s_per_step']:.2f}", r.get("note", "")])
     print(f"\n{title}\n")
     print("| " + " | ".join(headers) + " |")
@@ -390,6 +426,10 @@ def main(argv=None):
         print(f"ours peak / TRL peak = {ours['peak_ratio_vs_trl']:.2f} (peak RSS); "
               f"{ours['train_peak_ratio_vs_trl']:.2f} (training peak above the RSS at train start)")
         print(f"TRL CPU s/step / ours CPU s/step = {ref['cpu_s_per_step'] / ours['cpu_s_per_step']:.2f}")
+        ours["sampling_speedup_vs_trl"] = ours["generated_tokens_per_s"] / ref["generated_tokens_per_s"]
+        print(f"sampling alone, generated tokens/s: ours / TRL = {ours['sampling_speedup_vs_trl']:.2f} "
+              f"(ours {ours['generated_tokens_per_s']:.0f}, TRL {ref['generated_tokens_per_s']:.0f}; "
+              f"{100 * ours['generation_share']:.0f}% and {100 * ref['generation_share']:.0f}% of the step)")
         most = args.prompts_per_step * args.num_generations * args.max_completion_length
         print(f"completion tokens/step: ours {ours['completion_tokens_per_step']:.0f}, "
               f"TRL {ref['completion_tokens_per_step']:.0f} (at most {most})")
@@ -397,8 +437,9 @@ def main(argv=None):
     fields = ["impl", "hidden_size", "layers", "heads", "vocab", "params", "num_generations", "prompts_per_step",
               "max_completion_length", "beta", "steps", "warmup", "threads", "steps_timed", "s_per_step",
               "s_per_step_min", "s_per_step_max", "cpu_s_per_step", "prompt_tokens_per_step",
-              "completion_tokens_per_step", "completion_fill", "tokens_per_s", "peak_rss_mb", "base_rss_mb",
-              "train_peak_mb", "speedup_vs_trl", "peak_ratio_vs_trl", "train_peak_ratio_vs_trl", "process_wall_s",
+              "completion_tokens_per_step", "completion_fill", "tokens_per_s", "generation_s_per_step",
+              "generated_tokens_per_s", "generation_share", "peak_rss_mb", "base_rss_mb",
+              "train_peak_mb", "speedup_vs_trl", "sampling_speedup_vs_trl", "peak_ratio_vs_trl", "train_peak_ratio_vs_trl", "process_wall_s",
               "note"]
     write_csv(out, rows, fields)
     print(f"wrote {out}; total wall {time.perf_counter() - started:.0f} s")
