@@ -15,7 +15,9 @@ cache copied every step) and the attention mask rebuilt; the prompt's prefill is
   greedy decoding is the same ``argmax`` as ``generate``'s;
 - every stop token ends its row, which then leaves the batch (its cache rows with it);
 - full-attention layers keep their keys and values in a buffer allocated once for the whole completion
-  (:class:`PreallocatedLayer`); sliding-window layers keep transformers' own.
+  (:class:`PreallocatedLayer`); sliding-window layers keep transformers' own;
+- a plain Llama's one-token steps run its forward written out (:func:`rlmf.llama_step.llama_step`: the same
+  operations and logits without the wrappers' Python).
 
 Greedy completions are ``generate``'s token for token (tests/test_generation.py). Sampled ones follow the same
 distribution but not the same random stream: ``generate`` spends ``rows x vocabulary`` random numbers a step,
@@ -31,6 +33,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from rlmf.llama_step import llama_step
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -150,6 +154,9 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     cache = kv_cache(model, input_ids.shape[1] + max_new_tokens)
     last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
     logits = _forward(model, input_ids, mask, positions, cache, last_only)
+    # The one-token steps: a plain Llama's forward written out (the same logits, less Python), else its forward.
+    step_forward = llama_step(model) or (lambda ids, mask, position, cache: _forward(model, ids, mask, position,
+                                                                                    cache, last_only))
     if n > 1:  # the prompt's cache, once per completion
         cache.batch_repeat_interleave(n)
         logits, positions = logits.repeat_interleave(n, 0), positions.repeat_interleave(n, 0)
@@ -174,7 +181,7 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
         position = position + 1
-        logits = _forward(model, next_tokens[:, None], mask, position, cache, last_only)
+        logits = step_forward(next_tokens[:, None], mask, position, cache)
     return tokens[:, :length]
 
 

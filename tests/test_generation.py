@@ -15,7 +15,8 @@ from rlmf.data.collate import PromptCollator
 from rlmf.data.formats import PromptOnly
 from rlmf.data.tokenization import tokenize_prompts
 from rlmf.generation import SAMPLERS, generate, sample_tokens, stop_token_ids
-from rlmf.sampling import refusal
+from rlmf.llama_step import inlined_step_refusal, llama_step
+from rlmf.sampling import kv_cache, refusal
 
 PROMPT = "Dear Ms. Alvarez, thank you for"
 
@@ -156,6 +157,53 @@ def test_rlmf_greedy_is_model_generate_token_for_token(tiny_checkpoint, arch):
             tokens, _ = sample_tokens(model, ids[2:], mask[2:], temperature=1.0, stop_ids=stops, sampler="rlmf",
                                       **settings)
             assert torch.equal(tokens, one[:, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("attention", MASKED_ATTENTION["llama"])
+def test_a_plain_llama_decodes_through_its_forward_written_out_bit_for_bit(tiny_checkpoint, attention):
+    """:func:`rlmf.llama_step.llama_step` takes a plain Llama (grouped-query attention here: 4 heads, 2 key-value
+    heads) and gives its forward's logits to the last bit, step after step on one cache each, under left padding
+    and without a mask. Reference: ``model(..., logits_to_keep=1)`` itself."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint("llama"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), attn_implementation=attention).eval()
+    step = llama_step(model)
+    assert step is not None, inlined_step_refusal(model)
+    for ids, mask in (_left_padded(tokenizer, TEXTS), _left_padded(tokenizer, TEXTS[:1])):
+        mask = None if bool(mask.all()) else mask
+        positions = (ids != tokenizer.pad_token_id).long().cumsum(-1) - 1 if mask is not None else None
+        positions = positions.clamp(min=0) if positions is not None else torch.arange(ids.shape[1])[None]
+        caches = [kv_cache(model, ids.shape[1] + 8) for _ in range(2)]
+        with torch.no_grad():
+            logits = [model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1].float() for cache in caches]
+            position = positions[:, -1:].expand(ids.shape[0], 1)
+            for _ in range(6):
+                assert torch.equal(logits[0], logits[1])
+                next_ids = logits[0].argmax(-1)[:, None]
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1) if mask is not None else None
+                position = position + 1
+                logits = [model(input_ids=next_ids, attention_mask=mask, position_ids=position, cache=caches[0],
+                                use_cache=True, logits_to_keep=1).logits[:, -1].float(),
+                          step(next_ids, mask, position, caches[1])]
+            assert torch.equal(logits[0], logits[1])
+
+
+def test_the_written_out_step_refuses_what_it_would_get_wrong(tiny_checkpoint):
+    """Another architecture, a training-mode model, a hook on a module whose forward the step skips and a replaced
+    forward each keep the model's own forward."""
+    other = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("qwen2")).eval()
+    assert llama_step(other) is None and "not a plain LlamaForCausalLM" in inlined_step_refusal(other)
+    llama = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama")).eval()
+    assert llama_step(llama) is not None
+    assert "training" in inlined_step_refusal(llama.train())
+    llama.eval()
+    handle = llama.model.layers[0].self_attn.register_forward_hook(lambda module, args, out: out)
+    assert "hook" in inlined_step_refusal(llama)
+    handle.remove()
+    llama.model.layers[1].forward = lambda *args, **kwargs: args[0]
+    assert "replaced" in inlined_step_refusal(llama)
+    del llama.model.layers[1].forward
+    assert inlined_step_refusal(llama) is None
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

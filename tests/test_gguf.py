@@ -54,6 +54,30 @@ def test_greedy_answer_is_english_and_right(smollm2):
     assert "Paris" in text, text
 
 
+def test_our_sampler_decodes_the_real_model_greedily_as_generate_does(smollm2):
+    """SmolLM2 is a plain Llama (grouped-query attention, 9 heads over 3): our decode loop takes its written-out
+    step (rlmf.llama_step) and gives ``generate``'s greedy tokens, two chat prompts of different lengths
+    left-padded, each row stopping at the end of turn."""
+    from rlmf.generation import sample_tokens
+    from rlmf.llama_step import llama_step
+
+    model, tokenizer, _ = smollm2
+    assert llama_step(model) is not None
+    prompts = [chat_ids(tokenizer, "What is the capital of France?")[0],
+               chat_ids(tokenizer, "Name one colour of the sky on a clear day, in one word.")[0]]
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([p.new_full((width - len(p),), tokenizer.pad_token_id), p]) for p in prompts])
+    mask = torch.stack([torch.cat([p.new_zeros(width - len(p)), p.new_ones(len(p))]) for p in prompts])
+    settings = dict(do_sample=False, max_new_tokens=16, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=[tokenizer.eos_token_id],
+                                  **settings)[:, width:]
+    tokens, _ = sample_tokens(model, ids, mask, temperature=1.0, stop_ids=[tokenizer.eos_token_id], sampler="rlmf",
+                              **settings)
+    assert torch.equal(tokens, expected[:, : tokens.shape[1]]) and (expected[:, tokens.shape[1]:] ==
+                                                                  tokenizer.pad_token_id).all()
+
+
 def test_fused_logprobs_match_forward(smollm2):
     model, _, _ = smollm2
     assert check_logprobs_match_forward(model) <= 1e-4
