@@ -9,13 +9,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, Iterator, Optional, Tuple
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -134,8 +136,9 @@ def dequantise_gguf(path: Path, dtype: torch.dtype, attn_implementation: Optiona
     config with the quantization config removed (``from_config``, in ``dtype`` with ``attn_implementation``), and
     the dequantised state dict copied in. It saves with :func:`save_generator` and loads back as a directory."""
     where = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
-    tokenizer = AutoTokenizer.from_pretrained(**where)
-    quantized = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
+    with gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(**where)
+        quantized = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
     config = quantized.config
     del config.quantization_config
     attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -143,6 +146,31 @@ def dequantise_gguf(path: Path, dtype: torch.dtype, attn_implementation: Optiona
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def gguf_read_once() -> Iterator[None]:
+    """While transformers reads one ``.gguf`` file for its tokenizer, its config and its weights: the file parsed
+    once instead of three times (``gguf.GGUFReader``, whose parse of SmolLM2's 49k-entry vocabulary and merges is
+    about 4 s), and gguf's tensor-name table built once per (architecture, blocks) instead of once per module
+    (``gguf.get_tensor_name_map``: 397 times for SmolLM2). Both are read-only results of their arguments, which
+    transformers imports from ``gguf`` at each call; gguf's own functions are put back on exit."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers = {}
+
+    def read(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = read, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def gguf_cache_dir() -> Path:

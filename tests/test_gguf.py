@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import string
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +144,33 @@ def test_a_failed_dequantisation_leaves_no_cache_entry(tmp_path, monkeypatch, ti
     with pytest.raises(OSError, match="disk full"):
         load_generator(path)
     assert [p for p in gguf_cache_dir().iterdir() if p.is_dir()] == []
+
+
+def test_while_transformers_reads_a_gguf_file_it_is_parsed_once_and_gguf_is_put_back(tmp_path, monkeypatch):
+    """``gguf_read_once`` (around transformers' three reads in ``dequantise_gguf``): one reader per file, however
+    the path is spelt, one tensor-name table per (architecture, blocks); gguf's own functions again afterwards."""
+    import gguf
+
+    from rlmf.models import gguf_read_once
+
+    parsed = []
+
+    class CountingReader:
+        def __init__(self, path, mode="r"):
+            parsed.append(Path(path).name)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    name_map = gguf.get_tensor_name_map
+    (tmp_path / "a.gguf").write_bytes(b"GGUF")
+    with gguf_read_once():
+        first = gguf.GGUFReader(tmp_path / "a.gguf")
+        assert gguf.GGUFReader(str(tmp_path / ".." / tmp_path.name / "a.gguf")) is first
+        assert gguf.GGUFReader(tmp_path / "b.gguf") is not first
+        table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is table
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3) is not table
+    assert parsed == ["a.gguf", "b.gguf"]
+    assert gguf.GGUFReader is CountingReader and gguf.get_tensor_name_map is name_map
 
 
 def test_missing_gguf_file_names_it(tmp_path):
