@@ -438,9 +438,9 @@ def main(argv=None):
               "max_completion_length", "beta", "steps", "warmup", "threads", "steps_timed", "s_per_step",
               "s_per_step_min", "s_per_step_max", "cpu_s_per_step", "prompt_tokens_per_step",
               "completion_tokens_per_step", "completion_fill", "tokens_per_s", "generation_s_per_step",
-              "generated_tokens_per_s", "generation_share", "peak_rss_mb", "base_rss_mb",
-              "train_peak_mb", "speedup_vs_trl", "sampling_speedup_vs_trl", "peak_ratio_vs_trl", "train_peak_ratio_vs_trl", "process_wall_s",
-              "note"]
+              "generated_tokens_per_s", "generation_share", "peak_rss_mb", "base_rss_mb", "train_peak_mb",
+              "speedup_vs_trl", "sampling_speedup_vs_trl", "peak_ratio_vs_trl", "train_peak_ratio_vs_trl",
+              "process_wall_s", "note"]
     write_csv(out, rows, fields)
     print(f"wrote {out}; total wall {time.perf_counter() - started:.0f} s")
 

@@ -7,11 +7,12 @@ deprecation and config-default decorators, output capturing, the gradient-checkp
 dataclasses, the module call machinery of every wrapper). :func:`llama_step` calls the model's own submodules and
 transformers' own functions (``create_causal_mask``, the rotary embedding, ``apply_rotary_pos_emb``, the attention
 function the config names) on the same tensors in the same order, so its logits are the model's, bit for bit
-(tests/test_generation.py compares them), for about a third less time per step (README "Sampling").
+(tests/test_generation.py compares them). Measured on the tiny generator's rollout (README "Sampling"): the forward
+alone 1.3x faster, a whole decode step (with the draw and the loop around it) 10-15% faster.
 
 Only a plain ``LlamaForCausalLM`` in eval mode takes it (:func:`inlined_step_refusal` says why another does not):
-no hooks on the modules it steps over and none of their forwards replaced, the attention ``sdpa`` or ``eager``. Every other
-model decodes through its own ``forward``.
+no hooks on the modules it steps over and none of their forwards replaced, the attention ``sdpa`` or ``eager``.
+Every other model decodes through its own ``forward``.
 """
 
 from __future__ import annotations
@@ -86,4 +87,3 @@ def llama_step(model: nn.Module) -> Optional[Callable[..., torch.Tensor]]:
         return model.lm_head(hidden[:, -1:])[:, -1].float()
 
     return step
-

@@ -169,9 +169,8 @@ def test_a_plain_llama_decodes_through_its_forward_written_out_bit_for_bit(tiny_
     step = llama_step(model)
     assert step is not None, inlined_step_refusal(model)
     for ids, mask in (_left_padded(tokenizer, TEXTS), _left_padded(tokenizer, TEXTS[:1])):
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as the decode loop sets them
         mask = None if bool(mask.all()) else mask
-        positions = (ids != tokenizer.pad_token_id).long().cumsum(-1) - 1 if mask is not None else None
-        positions = positions.clamp(min=0) if positions is not None else torch.arange(ids.shape[1])[None]
         caches = [kv_cache(model, ids.shape[1] + 8) for _ in range(2)]
         with torch.no_grad():
             logits = [model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
