@@ -17,10 +17,10 @@ from typing import Optional, Tuple, Union
 import torch
 
 from rlmf.kernels.logprobs_torch import (
-    DEFAULT_CHUNK_SIZE,
     ChunkSize,
     LogprobsFromHiddenTorch,
     LogprobsFromLogitsTorch,
+    default_chunk_size,
 )
 
 BACKENDS = ("auto", "triton", "torch")
@@ -166,7 +166,7 @@ def logprobs_from_hidden(
     *,
     return_entropy: bool = False,
     backend: Optional[str] = None,
-    chunk_size: ChunkSize = DEFAULT_CHUNK_SIZE,
+    chunk_size: Optional[ChunkSize] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """``logprobs_from_logits(hidden @ weight.T + bias, labels, ...)`` without ever holding the ``[N, V]`` logits.
 
@@ -179,15 +179,16 @@ def logprobs_from_hidden(
         bias: optional ``[V]`` LM-head bias, same dtype.
         temperature, return_entropy, backend: as in :func:`logprobs_from_logits`.
         chunk_size: logits held at once: an int (at most that many per ``[tokens, vocab]`` tile; all tokens in one
-            tile when that leaves >= 1024 vocabulary columns) or an explicit ``(tokens, vocab)`` pair. The torch
-            backend uses it forward and backward; the Triton forward is fully fused (no tile in memory) and its
-            backward writes one tile of ``dL/dlogits`` at a time.
+            tile when that leaves >= 1024 vocabulary columns), an explicit ``(tokens, vocab)`` pair, or ``None`` for
+            the device's default (4M elements on CPU, 64M on CUDA). Both backends compute the logits tile by tile
+            with a matmul, forward and again backward, and never hold more than one tile.
 
     Returns:
         As :func:`logprobs_from_logits`. Gradients flow to ``hidden``, ``weight`` and ``bias`` in their dtypes
-        (``grad_hidden`` and multi-chunk ``grad_weight`` slices are accumulated in float32). The torch backend
-        computes each logits tile with a matmul in the input dtype, like ``F.linear``; the Triton one keeps the
-        float32 dot accumulator, so bf16 results differ by bf16 rounding of the logits.
+        (``grad_hidden`` and multi-chunk ``grad_weight`` slices are accumulated in float32). Both backends
+        compute each logits tile with ``torch.mm`` in the input dtype, like ``F.linear`` (bf16 logits are rounded
+        to bf16), and the softmax statistics in float32; they differ in the order of float32 sums and, for
+        float32 inputs at T != 1, in where 1/T is applied (the twin folds it into the matmul).
     """
     where = "logprobs_from_hidden"
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -215,6 +216,8 @@ def logprobs_from_hidden(
         fn = _triton_module("logprobs_hidden_triton").LogprobsFromHiddenTriton
     else:
         fn = LogprobsFromHiddenTorch
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden.device)
     logp, entropy = fn.apply(
         hidden, weight, bias, labels, temperature, int(ignore_index), bool(return_entropy), chunk_size
     )

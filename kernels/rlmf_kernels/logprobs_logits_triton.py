@@ -27,6 +27,13 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_BLOCK_V = 16 if INTERPRETED else 8192
 
 
+# Per-row scalars that may be views at any offset (shifted labels, upstream gradients): their alignment is not
+# specialised on, else a new view offset would compile the kernel again. The logits' own pointer and row stride stay
+# specialised (the row loads are vectorised on them); the token count is the grid, never an argument.
+FORWARD_ANY_ALIGNMENT = ("labels_ptr",)
+BACKWARD_ANY_ALIGNMENT = ("labels_ptr", "grad_logp_ptr", "grad_entropy_ptr")
+
+
 def _launch_config(vocab_size: int):
     block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab_size))
     num_warps = 16 if block_v >= 8192 else 8 if block_v >= 2048 else 4
@@ -42,7 +49,7 @@ def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=FORWARD_ANY_ALIGNMENT)
 def _logits_forward_kernel(
     logits_ptr,
     stride_ln,
@@ -94,7 +101,7 @@ def _logits_forward_kernel(
         tl.store(entropy_ptr + row, tl.where(valid, log_s - t / s, 0.0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=BACKWARD_ANY_ALIGNMENT)
 def _logits_backward_kernel(
     logits_ptr,
     stride_ln,

@@ -24,7 +24,7 @@ loops over vocabulary chunks so that each slice of ``grad_weight`` is finished i
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -37,6 +37,15 @@ LOGITS_CHUNK_ELEMENTS = 1 << 20
 # Logits held at once by logprobs_from_hidden (one [token chunk, vocab chunk] tile): 4M elements, 16 MiB in float32.
 # On CPU, tiles from 1M to 16M elements ran within ~5% of each other (2k x 256 x 128k); the smaller ones were ahead.
 DEFAULT_CHUNK_SIZE = 1 << 22
+# On CUDA: 64M elements (128 MiB in bf16). Each vocabulary chunk adds one [N, H] product into the float32
+# grad_hidden, a pass over N * H * 10 bytes; at N = 16k, H = 4096, V = 128k, 4M-element tiles (1024 columns) make
+# that ~85 GB of traffic per backward, these (4096 columns) ~21 GB. Chosen by that arithmetic, not yet timed on a GPU.
+CUDA_CHUNK_SIZE = 1 << 26
+
+
+def default_chunk_size(device: torch.device) -> int:
+    """Logits per tile when a call does not say: ``CUDA_CHUNK_SIZE`` on CUDA, ``DEFAULT_CHUNK_SIZE`` elsewhere."""
+    return CUDA_CHUNK_SIZE if device.type == "cuda" else DEFAULT_CHUNK_SIZE
 # The vocabulary chunk never gets narrower than this (unless V is smaller); tokens are chunked instead.
 MIN_VOCAB_CHUNK = 1024
 
@@ -226,9 +235,17 @@ def logits_tile_(out, hidden_rows, weight_rows, bias_rows, temperature, row_offs
     return out if row_offset is None else out.sub_(row_offset[:, None])
 
 
-def _tile_view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+def tile_view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """A contiguous ``[rows, cols]`` view at the start of a flat buffer (ragged last tiles stay contiguous)."""
     return buffer[: rows * cols].view(rows, cols)
+
+
+def tile_ranges(n_tokens: int, vocab_size: int, tiles: Tuple[int, int]) -> Iterator[Tuple[int, int, int, int]]:
+    """``(t0, t1, v0, v1)`` of every ``plan_tiles`` tile, vocabulary chunks outermost (each weight slice read once)."""
+    token_chunk, vocab_chunk = tiles
+    for v0 in range(0, vocab_size, vocab_chunk):
+        for t0 in range(0, n_tokens, token_chunk):
+            yield t0, min(n_tokens, t0 + token_chunk), v0, min(vocab_size, v0 + vocab_chunk)
 
 
 def hidden_backward(
@@ -308,25 +325,18 @@ class LogprobsFromHiddenTorch(torch.autograd.Function):
         s = torch.zeros(n, dtype=acc, device=dev)
         t = torch.zeros(n, dtype=acc, device=dev) if with_entropy else None
         z_label = torch.zeros(n, dtype=acc, device=dev)
-        for v0 in range(0, v, vocab_chunk):
-            v1 = min(v, v0 + vocab_chunk)
-            weight_rows = weight[v0:v1]
-            bias_rows = None if bias is None else bias[v0:v1]
-            for t0 in range(0, n, token_chunk):
-                t1 = min(n, t0 + token_chunk)
-                tile = _tile_view(buffer, t1 - t0, v1 - v0)
-                z = logits_tile_(tile, hidden[t0:t1], weight_rows, bias_rows, temperature)
-                rel = safe[t0:t1] - v0
-                hit = (rel >= 0) & (rel < v1 - v0)
-                picked = z.gather(1, rel.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
-                z_label[t0:t1] += torch.where(hit, picked, torch.zeros_like(picked))
-                tile = _tile_softmax_stats(z, with_entropy)
-                merged = merge_softmax_stats(
-                    m[t0:t1], s[t0:t1], None if t is None else t[t0:t1], *tile
-                )
-                m[t0:t1], s[t0:t1] = merged[0], merged[1]
-                if t is not None:
-                    t[t0:t1] = merged[2]
+        for t0, t1, v0, v1 in tile_ranges(n, v, tiles):
+            tile = tile_view(buffer, t1 - t0, v1 - v0)
+            z = logits_tile_(tile, hidden[t0:t1], weight[v0:v1], None if bias is None else bias[v0:v1], temperature)
+            rel = safe[t0:t1] - v0
+            hit = (rel >= 0) & (rel < v1 - v0)
+            picked = z.gather(1, rel.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
+            z_label[t0:t1] += torch.where(hit, picked, torch.zeros_like(picked))
+            tile = _tile_softmax_stats(z, with_entropy)
+            merged = merge_softmax_stats(m[t0:t1], s[t0:t1], None if t is None else t[t0:t1], *tile)
+            m[t0:t1], s[t0:t1] = merged[0], merged[1]
+            if t is not None:
+                t[t0:t1] = merged[2]
         lse, entropy = finish_softmax_stats(m, s, t)
         logp = (z_label - lse).masked_fill_(~valid, 0.0)
         if with_entropy:
@@ -354,7 +364,7 @@ class LogprobsFromHiddenTorch(torch.autograd.Function):
 
         def tile_grad(t0, t1, v0, v1):
             lp = logits_tile_(
-                _tile_view(buffer, t1 - t0, v1 - v0), hidden[t0:t1], weight[v0:v1],
+                tile_view(buffer, t1 - t0, v1 - v0), hidden[t0:t1], weight[v0:v1],
                 None if bias is None else bias[v0:v1], temperature, row_offset=lse[t0:t1],
             )
             a_c = None if a is None else a[t0:t1]
@@ -363,7 +373,7 @@ class LogprobsFromHiddenTorch(torch.autograd.Function):
                 rel = safe[t0:t1] - v0
                 hit = (rel >= 0) & (rel < v1 - v0)
                 g.scatter_add_(1, rel.clamp(0, v1 - v0 - 1)[:, None], (a_c * hit)[:, None])
-            return g if cast is None else _tile_view(cast, t1 - t0, v1 - v0).copy_(g)
+            return g if cast is None else tile_view(cast, t1 - t0, v1 - v0).copy_(g)
 
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         grad_h, grad_w, grad_b = hidden_backward(tile_grad, hidden, weight, bias, ctx.tiles, needs)

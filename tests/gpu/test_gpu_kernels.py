@@ -1,8 +1,8 @@
 """The Triton log-prob kernels compiled for the GPU, against their PyTorch twin and naive PyTorch, on CUDA.
 
 tests/kernels runs the same kernels through Triton's interpreter on CPU, with small blocks; here they are compiled
-with the GPU block sizes (logits op: vocabulary blocks of up to 8192; hidden op: 64 x 128 x 64 tiles, the
-vocabulary split across programs to fill the SMs), at shapes that leave ragged last blocks on every axis.
+with the GPU block sizes (logits op: vocabulary blocks of up to 8192; hidden op: cuBLAS logits tiles and row
+programs over 1024-column blocks), at shapes that leave ragged last blocks on every axis.
 
 "Naive PyTorch" is ``torch.log_softmax(hidden @ weight.T + bias) / T`` gathered at the labels (entropy
 ``-sum p log p``), materialised on the same device in float64 from the very same (dtype-exact) inputs, so its own
@@ -16,8 +16,8 @@ Tolerances, ``|actual - expected| <= atol + rtol * |expected|``, ``s = max(1, ma
 - float32 inputs (full float32: TF32 is off, see tests/gpu/conftest.py): log-probs and entropies atol = 2e-5 * s,
   rtol = 1e-5 (float32 matmul over H and accumulation over V); gradients atol = 5e-5 * g, rtol = 1e-4.
 - bfloat16 inputs: log-probs and entropies atol = 2**-7 * s, rtol = 0 (the torch twin and F.linear round each logit
-  to bf16, half an ulp = 2**-9 relative, moving the label logit and the log-sum-exp; the Triton hidden kernel
-  keeps the float32 accumulator); logits-op forward: inputs are exact, so float32 accumulation only: atol = 2e-5 * s;
+  to bf16, half an ulp = 2**-9 relative, moving the label logit and the log-sum-exp; the Triton hidden op takes
+  the same bf16 logits from the same matmul); logits-op forward: inputs are exact, so float32 accumulation only: atol = 2e-5 * s;
   gradients (returned in bf16, the hidden op's after bf16 GEMMs) atol = 3e-2 * g, rtol = 3e-2.
 - Triton vs the torch twin: the same tolerances, doubled (each is within one of the float64 result).
 """
@@ -36,7 +36,7 @@ BACKENDS = ("triton", "torch")
 HIDDEN_CASES = {
     # 300 = 4 * 64 + 44 tokens, H = 96 = 64 + 32, V = 1000 = 7 * 128 + 104: ragged on every axis; one backward tile.
     "ragged_bias_T0.7": (300, 96, 1000, 0.7, True, "some", 1 << 22),
-    # V = 5003: 40 vocabulary tiles split over many programs (the split merge); backward in 2 x 10 ragged tiles.
+    # V = 5003: 2 x 10 ragged tiles, forward and backward (the statistics carried across vocabulary tiles).
     "vocab_splits_T1.3": (70, 64, 5003, 1.3, False, "some", (64, 512)),
     # every row ignored: zeros forward, zero gradients.
     "all_ignored": (50, 64, 700, 1.0, True, "all", 1 << 22),
@@ -241,3 +241,38 @@ def test_hidden_op_never_holds_the_logits_on_the_gpu(device):
     for a, b in ((hidden.grad, h2.grad), (weight.grad, w2.grad)):
         top = max(1.0, float(b.float().abs().max()))
         torch.testing.assert_close(a.float(), b.float(), atol=6e-2 * top, rtol=6e-2)
+
+
+def _compiled(kernel) -> int:
+    """How many specialisations of ``kernel`` Triton has compiled in this process (all devices)."""
+    return sum(len(cache[0]) for cache in kernel.device_caches.values())
+
+
+def test_a_new_token_count_compiles_nothing(device):
+    """Steps of 1000, 1024, 1 and 777 tokens after one warm-up step: no kernel is compiled again (the padded GRPO
+    runs of 2026-11 compiled the head's kernels 11 times). The same check runs on CPU against Triton's own
+    specialisation rules in tests/kernels/test_logprobs_specialisation.py."""
+    from rlmf.kernels import logprobs_hidden_triton, logprobs_logits_triton
+
+    kernels = [logprobs_hidden_triton._tile_stats_kernel, logprobs_hidden_triton._tile_grad_kernel,
+               logprobs_logits_triton._logits_forward_kernel, logprobs_logits_triton._logits_backward_kernel]
+    generator = torch.Generator(device=device).manual_seed(0)
+    h, v = 64, 5003
+    weight = torch.randn(v, h, generator=generator, device=device, dtype=torch.bfloat16).requires_grad_()
+
+    def step(n):
+        hidden = torch.randn(n, h, generator=generator, device=device, dtype=torch.bfloat16).requires_grad_()
+        labels = torch.randint(0, v, (n + 1,), generator=generator, device=device)[1:]  # an offset view
+        logp, entropy = logprobs_from_hidden(hidden, weight, labels, return_entropy=True, backend="triton",
+                                             chunk_size=(256, 1024))
+        (logp.sum() + entropy.sum()).backward()
+        logits = torch.randn(n, v, generator=generator, device=device, dtype=torch.bfloat16).requires_grad_()
+        logprobs_from_logits(logits, labels, backend="triton").sum().backward()
+
+    step(513)
+    before = [_compiled(k) for k in kernels]
+    for n in (1000, 1024, 1, 777):
+        step(n)
+    torch.cuda.synchronize(device)
+    assert [_compiled(k) for k in kernels] == before
+    assert all(c >= 1 for c in before)
