@@ -77,6 +77,15 @@ def _scalar(value: float, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.full((1,), value, dtype=dtype, device=device)
 
 
+@triton.jit
+def _tile_row(z_ptr, stride_zm, t0, v0, labels_ptr, temperature_ptr, ACC: tl.constexpr):
+    """This program's row of the tile: ``(its token in the batch, the label's column in the tile (maybe outside
+    it), 1/T, a pointer to the row)``."""
+    local_row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + t0 + local_row).to(tl.int64) - v0
+    return t0 + local_row, label, 1.0 / tl.load(temperature_ptr).to(ACC), z_ptr + local_row * stride_zm
+
+
 @triton.jit(do_not_specialize=VARYING_INTEGERS, do_not_specialize_on_alignment=ANY_ALIGNMENT)
 def _tile_stats_kernel(
     z_ptr, stride_zm, stride_zn, n_cols, t0, v0,
@@ -84,17 +93,13 @@ def _tile_stats_kernel(
     WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Fold row ``i`` of a logits tile (columns ``v0 ..``) into token ``t0 + i``'s running softmax statistics."""
-    local_row = tl.program_id(0).to(tl.int64)
-    row = t0 + local_row
-    label = tl.load(labels_ptr + row).to(tl.int64) - v0  # column of the label in this tile (maybe outside it)
-    inv_temperature = 1.0 / tl.load(temperature_ptr).to(ACC)
+    row, label, inv_temperature, row_ptr = _tile_row(z_ptr, stride_zm, t0, v0, labels_ptr, temperature_ptr, ACC)
     m = tl.load(m_ptr + row)
     s = tl.load(s_ptr + row)
     z_label = tl.load(z_label_ptr + row)
     t = tl.zeros([], ACC)
     if WITH_ENTROPY:
         t = tl.load(t_ptr + row)
-    row_ptr = z_ptr + local_row * stride_zm
     for c0 in range(0, n_cols, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
         in_tile = cols < n_cols
@@ -123,10 +128,7 @@ def _tile_grad_kernel(
     HAS_GRAD_ENTROPY: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Overwrite row ``i`` of a logits tile with ``dL/dlogits`` of token ``t0 + i`` (``a``, ``b`` carry 1/T)."""
-    local_row = tl.program_id(0).to(tl.int64)
-    row = t0 + local_row
-    label = tl.load(labels_ptr + row).to(tl.int64) - v0
-    inv_temperature = 1.0 / tl.load(temperature_ptr).to(ACC)
+    row, label, inv_temperature, row_ptr = _tile_row(z_ptr, stride_zm, t0, v0, labels_ptr, temperature_ptr, ACC)
     lse = tl.load(lse_ptr + row)
     a = tl.load(a_ptr + row)
     b = tl.zeros([], ACC)
@@ -134,7 +136,6 @@ def _tile_grad_kernel(
     if HAS_GRAD_ENTROPY:
         b = tl.load(b_ptr + row)
         entropy = tl.load(entropy_ptr + row)
-    row_ptr = z_ptr + local_row * stride_zm
     for c0 in range(0, n_cols, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
         in_tile = cols < n_cols
