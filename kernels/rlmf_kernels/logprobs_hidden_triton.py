@@ -56,8 +56,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Vocabulary columns per loop step of a row program, fixed (not fitted to the tile's width, which changes with the
 # token count: a fitted block would be a new constexpr, hence a new compile, at every new width). The interpreter
-# gets a narrow block so that small test tiles take several blocks and a ragged last one.
-BLOCK_V, NUM_WARPS = (16, 1) if INTERPRETED else (1024, 4)
+# gets a narrower block, so that the test tiles of 70 columns take two blocks and a ragged last one, yet a
+# real-vocabulary call (a tiny checkpoint's reference log-probs, ~1000 columns) is not a thousand steps a row:
+# the interpreter's cost is per operation, whatever the block's width.
+BLOCK_V, NUM_WARPS = (64, 4) if INTERPRETED else (1024, 4)
 
 # The entropy gradient's log p floor, as a constant the kernels can read.
 LOGP_FLOOR_C = tl.constexpr(LOGP_FLOOR)

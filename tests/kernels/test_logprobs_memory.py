@@ -15,7 +15,7 @@ from logprobs_reference import BACKENDS, DEVICES, random_labels
 from rlmf.kernels import logprobs_from_hidden
 
 N, H, V = 64, 8, 256
-TILE = (16, 32)
+TILE = (16, 128)  # two vocabulary tiles of two interpreter blocks each
 
 
 class LargestTensor(TorchDispatchMode):
