@@ -1,4 +1,4 @@
-"""Benchmark sampling on CPU: ``model.generate`` (``generator.sampler=hf``) against our decode loop (``rlmf``).
+"""Benchmark sampling (CPU, or CUDA): ``model.generate`` (``generator.sampler=hf``) against our decode loop (``rlmf``).
 
 Both sides call :func:`rlmf.generation.sample_tokens`, the one function every stage and the online rollouts sample
 through, differing only in ``sampler``: the same model, the same prompts in the same batches, the same settings
@@ -27,6 +27,7 @@ ratios ours / generate and written to ``experiments/results/bench_sampling_cpu.c
     python experiments/bench_sampling.py                   # tiny and SmolLM2-135M, ~10 minutes on 2 cores
     python experiments/bench_sampling.py --models smollm2 --modes sample --calls 2
     python experiments/bench_sampling.py --models tiny --tiny-checkpoint runs/<run>/sft/generator   # trained weights
+    python experiments/bench_sampling.py --device cuda --threads 0   # on the GPU (+ its peak allocated memory)
 """
 
 from __future__ import annotations
@@ -66,11 +67,18 @@ def _worker(spec: dict) -> dict:
     from rlmf.data.tokenization import tokenize_prompts
     from rlmf.generation import sample_tokens, stop_token_ids
     from rlmf.models import load_generator
+    from rlmf.placement import put, resolve_device
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
+    device = resolve_device(spec["device"])
     model, tokenizer = load_generator(spec["checkpoint"])
-    model.eval()
+    put(model, device)  # the run's placement path, eval mode
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
     with open(spec["prompts_file"]) as f:
         texts = json.load(f)
     chat = spec["model"] == "smollm2"
@@ -85,22 +93,33 @@ def _worker(spec: dict) -> dict:
     base = 0
     for call in range(spec["warmup"] + spec["calls"]):
         start = (call * spec["prompts"]) % len(rows)
-        batch = collate(tokenize_prompts(rows[start: start + spec["prompts"]], tokenizer, 512))
+        batch = {k: v.to(device) for k, v in
+                 collate(tokenize_prompts(rows[start: start + spec["prompts"]], tokenizer, 512)).items()}
         if call == spec["warmup"]:
             base = reset_peak_rss()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+                cuda_base = torch.cuda.memory_allocated(device)
         torch.manual_seed(spec["seed"] + call)
+        sync()
         began, cpu_began = time.perf_counter(), cpu_seconds()
         tokens, keep = sample_tokens(model, batch["input_ids"], batch["attention_mask"], **settings)
+        sync()
         elapsed, cpu_used = time.perf_counter() - began, cpu_seconds() - cpu_began
         if call >= spec["warmup"]:
             times.append(elapsed)
             cpu.append(cpu_used)
             generated.append(int(keep.sum()))
-            stops = torch.tensor(settings["stop_ids"])
+            stops = torch.tensor(settings["stop_ids"], device=device)
             stopped.append(float((torch.isin(tokens, stops) & keep).any(-1).float().mean()))
             prompt_tokens.append(int(batch["attention_mask"].sum()))
     peak = peak_rss()
-    return {"calls_timed": len(times), "s_per_call": statistics.median(times), "cpu_s_per_call": statistics.median(cpu),
+    gpu = {}
+    if cuda:
+        gpu = {"device_name": torch.cuda.get_device_name(device),
+               "gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+               "gpu_sampling_peak_mb": (torch.cuda.max_memory_allocated(device) - cuda_base) / 2**20}
+    return {**gpu, "calls_timed": len(times), "s_per_call": statistics.median(times), "cpu_s_per_call": statistics.median(cpu),
             "generated_per_call": sum(generated) / len(generated), "tokens_per_s": sum(generated) / sum(times),
             "prompt_tokens_per_call": sum(prompt_tokens) / len(prompt_tokens),
             "rows_per_call": spec["prompts"] * n, "stopped_rows": statistics.mean(stopped),
@@ -135,8 +154,10 @@ def _prompts(directory: Path) -> str:
 
 def _print_table(rows, title):
     print(f"\n{title}\n")
+    gpu = any("gpu_peak_mb" in r for r in rows)
     headers = ["model", "mode", "rows x most tokens", "sampler", "s/call (median)", "generated tokens/call",
                "rows stopped", "tokens/s", "vs generate", "peak RSS (MB)", "sampling peak above base (MB)"]
+    headers += ["GPU peak allocated (MB)", "GPU sampling peak above base (MB)"] if gpu else []
     print("| " + " | ".join(headers) + " |")
     print("|" + "|".join("---" for _ in headers) + "|")
     for r in rows:
@@ -147,7 +168,8 @@ def _print_table(rows, title):
         ratio = f"{r['speedup_vs_hf']:.2f}x" if r.get("speedup_vs_hf") else "1.00x" if r["sampler"] == "hf" else "-"
         print(f"| {r['model']} | {r['mode']} | {shape} | {r['sampler']} | {r['s_per_call']:.2f} | "
               f"{r['generated_per_call']:.0f} | {100 * r['stopped_rows']:.0f}% | {r['tokens_per_s']:.0f} | {ratio} | "
-              f"{r['peak_rss_mb']:.0f} | {r['sampling_peak_mb']:.0f} |")
+              f"{r['peak_rss_mb']:.0f} | {r['sampling_peak_mb']:.0f} |"
+              + (f" {r['gpu_peak_mb']:.0f} | {r['gpu_sampling_peak_mb']:.0f} |" if gpu else ""))
 
 
 def _arguments(argv):
@@ -167,6 +189,9 @@ def _arguments(argv):
                         help="a saved tiny generator to time instead of fresh random weights "
                              "(e.g. runs/<run>/sft/generator)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the model samples (through rlmf.placement, as in a run); cuda adds the GPU's "
+                             "peak allocated memory to the table")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     parser.add_argument("--out", default=None, help="CSV path (default results/bench_sampling_cpu[_quick].csv)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -217,9 +242,11 @@ def main(argv=None):
                 for sampler in samplers:
                     spec = dict(model=model, mode=mode, sampler=sampler, checkpoint=checkpoint,
                                 prompts_file=prompts_file, temperature=args.temperature, calls=calls,
-                                warmup=args.warmup, seed=args.seed, threads=args.threads, **work)
+                                warmup=args.warmup, seed=args.seed, threads=args.threads, device=args.device,
+                                **work)
                     n = work["num_generations"] if mode == "sample" else 1
-                    row = dict(model=model, weights=weights, mode=mode, sampler=sampler, rows=work["prompts"] * n,
+                    row = dict(model=model, weights=weights, mode=mode, sampler=sampler, device=args.device,
+                               rows=work["prompts"] * n,
                                max_new_tokens=work["max_new_tokens"], temperature=args.temperature,
                                **run_worker(os.path.abspath(__file__), spec, RESULT_MARK, args.timeout))
                     if "error" in row:
@@ -231,9 +258,10 @@ def main(argv=None):
                               f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
                     rows.append(row)
     _ratios(rows)
-    _print_table(rows, f"Sampling on CPU, one process per row, {args.threads or 'default'} thread(s), temperature "
+    _print_table(rows, f"Sampling on {args.device}, one process per row, {args.threads or 'default'} thread(s), "
+                       f"temperature "
                        f"{args.temperature}, median of {calls} calls after {args.warmup}")
-    default = RESULTS / f"bench_sampling_cpu{'_quick' if args.quick else ''}.csv"
+    default = RESULTS / f"bench_sampling_{args.device}{'_quick' if args.quick else ''}.csv"
     _write_csv(rows, Path(args.out) if args.out else default)
     print(f"total wall {time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.2f} at the end")
 
@@ -249,10 +277,10 @@ def _ratios(rows):
 
 
 def _write_csv(rows, out: Path):
-    fields = ["model", "weights", "mode", "sampler", "rows", "max_new_tokens", "temperature", "params", "threads",
+    fields = ["model", "weights", "device", "mode", "sampler", "rows", "max_new_tokens", "temperature", "params", "threads",
               "attn", "calls_timed", "s_per_call", "cpu_s_per_call", "prompt_tokens_per_call", "generated_per_call",
               "stopped_rows", "tokens_per_s", "speedup_vs_hf", "peak_rss_mb", "sampling_peak_mb", "peak_ratio_vs_hf",
-              "process_wall_s", "note"]
+              "device_name", "gpu_peak_mb", "gpu_sampling_peak_mb", "process_wall_s", "note"]
     write_csv(out, rows, fields)
     print(f"wrote {out}")
 
