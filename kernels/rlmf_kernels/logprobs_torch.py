@@ -42,14 +42,15 @@ DEFAULT_CHUNK_SIZE = 1 << 22
 # that ~85 GB of traffic per backward, these (4096 columns) ~21 GB. Chosen by that arithmetic, not yet timed on a GPU.
 CUDA_CHUNK_SIZE = 1 << 26
 
-
-def default_chunk_size(device: torch.device) -> int:
-    """Logits per tile when a call does not say: ``CUDA_CHUNK_SIZE`` on CUDA, ``DEFAULT_CHUNK_SIZE`` elsewhere."""
-    return CUDA_CHUNK_SIZE if device.type == "cuda" else DEFAULT_CHUNK_SIZE
 # The vocabulary chunk never gets narrower than this (unless V is smaller); tokens are chunked instead.
 MIN_VOCAB_CHUNK = 1024
 
 ChunkSize = Union[int, Tuple[int, int]]
+
+
+def default_chunk_size(device: torch.device) -> int:
+    """Logits per tile when a call does not say: ``CUDA_CHUNK_SIZE`` on CUDA, ``DEFAULT_CHUNK_SIZE`` elsewhere."""
+    return CUDA_CHUNK_SIZE if device.type == "cuda" else DEFAULT_CHUNK_SIZE
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
