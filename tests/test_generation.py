@@ -11,12 +11,12 @@ from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from checkpoints import ARCHITECTURES, MASKED_ATTENTION
-from rlmf.data.collate import PromptCollator
+from decode_checks import TEXTS, assert_step_is_the_forward_bit_for_bit, left_padded
 from rlmf.data.formats import PromptOnly
 from rlmf.data.tokenization import tokenize_prompts
 from rlmf.generation import SAMPLERS, generate, sample_tokens, stop_token_ids
 from rlmf.llama_step import inlined_step_refusal, llama_step
-from rlmf.sampling import kv_cache, refusal
+from rlmf.sampling import refusal
 
 PROMPT = "Dear Ms. Alvarez, thank you for"
 
@@ -126,15 +126,6 @@ def test_evaluation_kl_is_scored_at_the_sampling_temperature(compose, tmp_path, 
 
 
 # --- the two samplers agree: greedy token for token, sampled in distribution -----------------------------------------
-TEXTS = ["Dear Ms. Alvarez, thank you for", "Please find attached", "We would love to schedule a short call next"]
-
-
-def _left_padded(tokenizer, texts):
-    """``(input_ids, attention_mask)`` of ``texts`` left-padded, tokenised as :func:`generate` tokenises them."""
-    batch = PromptCollator(tokenizer.pad_token_id)(tokenize_prompts([PromptOnly(t) for t in texts], tokenizer, 64))
-    return batch["input_ids"], batch["attention_mask"]
-
-
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_rlmf_greedy_is_model_generate_token_for_token(tiny_checkpoint, arch):
     """Left-padded prompts of three lengths, a stop token met at different steps by different rows, two completions
@@ -143,7 +134,7 @@ def test_rlmf_greedy_is_model_generate_token_for_token(tiny_checkpoint, arch):
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint(arch))
     for attention in MASKED_ATTENTION[arch]:
         model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(arch), attn_implementation=attention).eval()
-        ids, mask = _left_padded(tokenizer, TEXTS)
+        ids, mask = left_padded(tokenizer, TEXTS)
         settings = dict(do_sample=False, max_new_tokens=20, pad_token_id=tokenizer.pad_token_id)
         free = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=[], **settings)[:, ids.shape[1]:]
         stops = [tokenizer.eos_token_id, int(free[0, 5])]  # row 0 stops at step 6 at the latest, others may earlier
@@ -168,23 +159,7 @@ def test_a_plain_llama_decodes_through_its_forward_written_out_bit_for_bit(tiny_
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), attn_implementation=attention).eval()
     step = llama_step(model)
     assert step is not None, inlined_step_refusal(model)
-    for ids, mask in (_left_padded(tokenizer, TEXTS), _left_padded(tokenizer, TEXTS[:1])):
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as the decode loop sets them
-        mask = None if bool(mask.all()) else mask
-        caches = [kv_cache(model, ids.shape[1] + 8) for _ in range(2)]
-        with torch.no_grad():
-            logits = [model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1].float() for cache in caches]
-            position = positions[:, -1:].expand(ids.shape[0], 1)
-            for _ in range(6):
-                assert torch.equal(logits[0], logits[1])
-                next_ids = logits[0].argmax(-1)[:, None]
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1) if mask is not None else None
-                position = position + 1
-                logits = [model(input_ids=next_ids, attention_mask=mask, position_ids=position, cache=caches[0],
-                                use_cache=True, logits_to_keep=1).logits[:, -1].float(),
-                          step(next_ids, mask, position, caches[1])]
-            assert torch.equal(logits[0], logits[1])
+    assert_step_is_the_forward_bit_for_bit(model, step, tokenizer)
 
 
 def test_the_written_out_step_refuses_what_it_would_get_wrong(tiny_checkpoint):
@@ -212,7 +187,7 @@ def test_later_tokens_follow_the_policy_after_a_shared_left_padded_prompt(chatty
     what the shared, repeated prefill cache and the positions under left padding must give."""
     model = AutoModelForCausalLM.from_pretrained(chatty_checkpoint).eval()
     tokenizer = AutoTokenizer.from_pretrained(chatty_checkpoint)
-    ids, mask = _left_padded(tokenizer, [PROMPT, "Dear Ms."])
+    ids, mask = left_padded(tokenizer, [PROMPT, "Dear Ms."])
     assert mask[1, 0] == 0, "the second prompt is the padded one"
     n, temperature = 6000, 0.7
     torch.manual_seed(1)
@@ -234,7 +209,7 @@ def test_rlmf_stopped_rows_leave_the_batch(tiny_checkpoint):
     from the step after it the row is no longer run through the model."""
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama")).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint("llama"))
-    ids, mask = _left_padded(tokenizer, TEXTS)
+    ids, mask = left_padded(tokenizer, TEXTS)
     with torch.no_grad():
         likely = torch.topk(model(input_ids=ids, attention_mask=mask).logits[:, -1], 3).indices.flatten().tolist()
     stops = sorted(set(likely) | {tokenizer.eos_token_id})  # most rows stop within a few steps

@@ -16,22 +16,13 @@ from __future__ import annotations
 import pytest
 import torch
 from checkpoints import MASKED_ATTENTION
+from decode_checks import TEXTS, assert_step_is_the_forward_bit_for_bit, left_padded
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlmf.data.collate import PromptCollator
-from rlmf.data.formats import PromptOnly
-from rlmf.data.tokenization import tokenize_prompts
 from rlmf.generation import sample_tokens
 from rlmf.llama_step import inlined_step_refusal, llama_step
-from rlmf.sampling import draw, kv_cache
-
-TEXTS = ["Dear Ms. Alvarez, thank you for", "Please find attached", "We would love to schedule a short call next"]
-
-
-def _left_padded(tokenizer, texts, device):
-    batch = PromptCollator(tokenizer.pad_token_id)(tokenize_prompts([PromptOnly(t) for t in texts], tokenizer, 64))
-    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+from rlmf.sampling import draw
 
 
 def _load(directory, attention, device):
@@ -44,30 +35,13 @@ def test_written_out_llama_step_is_the_forward_bit_for_bit_on_cuda(tiny_checkpoi
     model, tokenizer = _load(tiny_checkpoint("llama"), attention, device)
     step = llama_step(model)
     assert step is not None, inlined_step_refusal(model)
-    for ids, mask in (_left_padded(tokenizer, TEXTS, device), _left_padded(tokenizer, TEXTS[:1], device)):
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        mask = None if bool(mask.all()) else mask
-        caches = [kv_cache(model, ids.shape[1] + 8) for _ in range(2)]
-        with torch.no_grad():
-            logits = [model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1].float() for cache in caches]
-            position = positions[:, -1:].expand(ids.shape[0], 1)
-            for _ in range(6):
-                assert logits[1].device.type == "cuda"
-                assert torch.equal(logits[0], logits[1])
-                next_ids = logits[0].argmax(-1)[:, None]
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1) if mask is not None else None
-                position = position + 1
-                logits = [model(input_ids=next_ids, attention_mask=mask, position_ids=position, cache=caches[0],
-                                use_cache=True, logits_to_keep=1).logits[:, -1].float(),
-                          step(next_ids, mask, position, caches[1])]
-            assert torch.equal(logits[0], logits[1])
+    assert_step_is_the_forward_bit_for_bit(model, step, tokenizer, device)
 
 
 @pytest.mark.parametrize("attention", MASKED_ATTENTION["llama"])
 def test_rlmf_greedy_is_model_generate_on_cuda(tiny_checkpoint, device, attention):
     model, tokenizer = _load(tiny_checkpoint("llama"), attention, device)
-    ids, mask = _left_padded(tokenizer, TEXTS, device)
+    ids, mask = left_padded(tokenizer, TEXTS, device)
     settings = dict(do_sample=False, max_new_tokens=20, pad_token_id=tokenizer.pad_token_id)
     free = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=[], **settings)[:, ids.shape[1]:]
     stops = [tokenizer.eos_token_id, int(free[0, 5])]
