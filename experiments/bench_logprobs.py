@@ -18,8 +18,8 @@ written to ``experiments/results/bench_logprobs_<device>.csv``.
     python experiments/bench_logprobs.py --device cuda            # full grid, bf16, includes Triton and Liger
 
 Targets checked at the end: CPU, ``logprobs_from_hidden`` at V = 128k uses <= 0.15x naive's peak memory and is no
-slower; GPU, the logits forward reaches >= 85% of peak HBM bandwidth, and the hidden op beats Liger in time and memory and
-uses <= 0.1x naive's peak memory.
+slower; GPU, the logits forward reaches >= 85% of peak HBM bandwidth, and the hidden op beats Liger in time and
+memory and uses <= 0.1x naive's peak memory.
 """
 
 from __future__ import annotations

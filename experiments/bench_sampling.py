@@ -119,7 +119,8 @@ def _worker(spec: dict) -> dict:
         gpu = {"device_name": torch.cuda.get_device_name(device),
                "gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
                "gpu_sampling_peak_mb": (torch.cuda.max_memory_allocated(device) - cuda_base) / 2**20}
-    return {**gpu, "calls_timed": len(times), "s_per_call": statistics.median(times), "cpu_s_per_call": statistics.median(cpu),
+    return {**gpu, "calls_timed": len(times), "s_per_call": statistics.median(times),
+            "cpu_s_per_call": statistics.median(cpu),
             "generated_per_call": sum(generated) / len(generated), "tokens_per_s": sum(generated) / sum(times),
             "prompt_tokens_per_call": sum(prompt_tokens) / len(prompt_tokens),
             "rows_per_call": spec["prompts"] * n, "stopped_rows": statistics.mean(stopped),
@@ -277,8 +278,8 @@ def _ratios(rows):
 
 
 def _write_csv(rows, out: Path):
-    fields = ["model", "weights", "device", "mode", "sampler", "rows", "max_new_tokens", "temperature", "params", "threads",
-              "attn", "calls_timed", "s_per_call", "cpu_s_per_call", "prompt_tokens_per_call", "generated_per_call",
+    fields = ["model", "weights", "device", "mode", "sampler", "rows", "max_new_tokens", "temperature", "params",
+              "threads", "attn", "calls_timed", "s_per_call", "cpu_s_per_call", "prompt_tokens_per_call", "generated_per_call",
               "stopped_rows", "tokens_per_s", "speedup_vs_hf", "peak_rss_mb", "sampling_peak_mb", "peak_ratio_vs_hf",
               "device_name", "gpu_peak_mb", "gpu_sampling_peak_mb", "process_wall_s", "note"]
     write_csv(out, rows, fields)

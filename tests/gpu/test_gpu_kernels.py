@@ -17,7 +17,8 @@ Tolerances, ``|actual - expected| <= atol + rtol * |expected|``, ``s = max(1, ma
   rtol = 1e-5 (float32 matmul over H and accumulation over V); gradients atol = 5e-5 * g, rtol = 1e-4.
 - bfloat16 inputs: log-probs and entropies atol = 2**-7 * s, rtol = 0 (the torch twin and F.linear round each logit
   to bf16, half an ulp = 2**-9 relative, moving the label logit and the log-sum-exp; the Triton hidden op takes
-  the same bf16 logits from the same matmul); logits-op forward: inputs are exact, so float32 accumulation only: atol = 2e-5 * s;
+  the same bf16 logits from the same matmul); logits-op forward: inputs are exact, so float32 accumulation only:
+  atol = 2e-5 * s;
   gradients (returned in bf16, the hidden op's after bf16 GEMMs) atol = 3e-2 * g, rtol = 3e-2.
 - Triton vs the torch twin: the same tolerances, doubled (each is within one of the float64 result).
 """
