@@ -280,9 +280,8 @@ def _ratios(rows):
 def _write_csv(rows, out: Path):
     fields = ["model", "weights", "device", "mode", "sampler", "rows", "max_new_tokens", "temperature", "params",
               "threads", "attn", "calls_timed", "s_per_call", "cpu_s_per_call", "prompt_tokens_per_call",
-              "generated_per_call",
-              "stopped_rows", "tokens_per_s", "speedup_vs_hf", "peak_rss_mb", "sampling_peak_mb", "peak_ratio_vs_hf",
-              "device_name", "gpu_peak_mb", "gpu_sampling_peak_mb", "process_wall_s", "note"]
+              "generated_per_call", "stopped_rows", "tokens_per_s", "speedup_vs_hf", "peak_rss_mb", "sampling_peak_mb",
+              "peak_ratio_vs_hf", "device_name", "gpu_peak_mb", "gpu_sampling_peak_mb", "process_wall_s", "note"]
     write_csv(out, rows, fields)
     print(f"wrote {out}")
 
