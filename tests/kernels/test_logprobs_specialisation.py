@@ -110,19 +110,16 @@ def test_logits_op_compiles_once_whatever_the_token_count(launches):
         assert len(set(keys)) == 1, f"{name}: {len(set(keys))} specialisations over {len(keys)} launches"
 
 
-def test_the_probe_sees_a_specialised_integer(launches):
-    """Control: an integer outside ``do_not_specialize`` that changes (the tile width) would be caught."""
+def test_the_probe_tells_widths_apart_unless_the_kernel_lists_them():
+    """Control: Triton's specialisation separates a tile width of 16 from one of 17 (a multiple of 16 or not), so
+    the checks above would see a width that changes; with ``n_cols`` in the kernel's ``do_not_specialize`` they
+    do not."""
     from rlmf.kernels import logprobs_hidden_triton
 
     kernel = logprobs_hidden_triton._tile_stats_kernel
+    assert list(inspect.signature(kernel.fn).parameters)[3] == "n_cols"
+    assert native_specialize_impl(BaseBackend, 16, False, True, True) != \
+        native_specialize_impl(BaseBackend, 17, False, True, True)
     z = torch.zeros(4, 32, device=DEVICE)
-    keys = set()
-    for cols in (16, 17):
-        args = (z, z.stride(0), 1, cols, 0, 0)
-        keys.add(_specialisation(kernel, args, {}))
-    assert len(keys) == 1  # n_cols is in do_not_specialize
-    no_value, _ = _kernel_lists(kernel)
-    assert "n_cols" in no_value
-    names = list(inspect.signature(kernel.fn).parameters)
-    specialised = [native_specialize_impl(BaseBackend, c, False, True, True) for c in (16, 17)]
-    assert specialised[0] != specialised[1] and names[3] == "n_cols"
+    assert len({_specialisation(kernel, (z, z.stride(0), 1, cols, 0, 0), {}) for cols in (16, 17)}) == 1
+    assert "n_cols" in _kernel_lists(kernel)[0]
